@@ -1,0 +1,61 @@
+# Touchpoint: `make help` lists the targets. Everything runs from the project's own .venv.
+SHELL := /bin/bash
+PYTHON_SYS ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Where the repo's code is found: generated protos, the platform library, and the repo root.
+PTH := $(VENV)/lib/python3.11/site-packages/touchpoint-paths.pth
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock pyproject.toml
+	@$(PYTHON_SYS) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Touchpoint needs Python 3.11, found " + sys.version' 
+	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	printf '%s\n' "$(CURDIR)" "$(CURDIR)/libs/protos" "$(CURDIR)/libs/platform" > $(PTH)
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the pinned dependencies
+
+run: $(STAMP) ## start Postgres (embedded unless TOUCHPOINT_DATABASE_URL is set) and every service
+	$(PY) -m touchpoint.platform.launcher
+
+proto: $(STAMP) ## regenerate libs/protos from protos/
+	PYTHON=$(PY) scripts/genproto.sh
+
+proto-check: $(STAMP) ## fail when the committed generated code differs from a fresh generation
+	@tmp=$$(mktemp -d) && PYTHON=$(PY) scripts/genproto.sh $$tmp >/dev/null && \
+	  diff -r -x __pycache__ libs/protos/touchpoint $$tmp/touchpoint && echo "generated code is up to date"; \
+	  rc=$$?; rm -rf $$tmp; exit $$rc
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: $(STAMP) ## format and fix what ruff can
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+typecheck: $(STAMP) ## mypy
+	$(VENV)/bin/mypy libs/platform services tests bench
+
+test: $(STAMP) proto-check lint typecheck ## install what is needed and run every check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP) ## run the benchmarks (figures go to bench/RESULTS.md by hand)
+	$(PY) -m bench.ingest
+
+lock: ## rewrite requirements.lock from pyproject.toml in a scratch venv
+	rm -rf /tmp/tp-lock && $(PYTHON_SYS) -m venv /tmp/tp-lock && /tmp/tp-lock/bin/pip install -q '.[dev]' && \
+	  (echo '# Every package of the dev environment, pinned (pip freeze). `make lock` rewrites it from pyproject.toml.'; \
+	   /tmp/tp-lock/bin/pip freeze --exclude touchpoint --exclude pip) > requirements.lock
+
+clean: ## remove the venv and local data
+	rm -rf $(VENV) .data .mypy_cache .ruff_cache
+
+.PHONY: help venv run proto proto-check lint fmt typecheck test bench lock clean

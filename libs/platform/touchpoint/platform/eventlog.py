@@ -1,0 +1,237 @@
+"""Consuming the event log: a durable position per consumer that never skips and never
+double-applies an event.
+
+The log is the view ``ingest.event_log`` that the ingest service publishes. Each row carries the
+id of the transaction that wrote it (``xid``, a ``xid8``) and a sequence number (``seq``).
+Sequence numbers are handed out at insert time but transactions commit in another order, so a
+reader remembering "the last seq I saw" would skip a row whose transaction committed after a
+higher seq was read. Instead:
+
+* the log is read in ``(xid, seq)`` order, and
+* only rows with ``xid < pg_snapshot_xmin(pg_current_snapshot())`` are read: every transaction
+  below that horizon has finished (committed or rolled back), so no row can ever appear behind a
+  position ``(xid, seq)`` that a consumer has passed.
+
+A consumer's position lives in its own service's schema (``<schema>.log_positions``) and is
+updated in the same transaction as the consumer's effects, so after a crash the effects and the
+position roll back together: each event applies exactly once. The position row is locked
+(``FOR UPDATE``) for the batch, so two replicas of one consumer never apply the same batch.
+
+The price: an open write transaction anywhere in the cluster holds the horizon back, so the
+log's readers lag by the age of the oldest open transaction. Keep write transactions short
+(ingest's are milliseconds); ``lag()`` reports the lag in events and seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "touchpoint_event_log"
+
+EVENT_TYPES = ("", "identify", "track", "page", "screen", "group", "alias")
+
+_COLUMNS = """xid::text::bigint as xid, seq, space_id, source_id, message_id, type, user_id,
+    anonymous_id, previous_id, group_id, event, name, timestamp, received_at, properties, traits,
+    context, campaign, click_ids"""
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One event of the log, as consumers see it. JSON objects are already parsed."""
+
+    xid: int
+    seq: int
+    space_id: str
+    source_id: str
+    message_id: str
+    type: str
+    user_id: str | None
+    anonymous_id: str | None
+    previous_id: str | None
+    group_id: str | None
+    event: str | None
+    name: str | None
+    timestamp: datetime
+    received_at: datetime
+    properties: dict[str, Any]
+    traits: dict[str, Any]
+    context: dict[str, Any]
+    campaign: dict[str, Any]
+    click_ids: list[dict[str, str]]
+
+    @classmethod
+    def from_record(cls, r: asyncpg.Record) -> LogEvent:
+        return cls(
+            r["xid"],
+            r["seq"],
+            r["space_id"],
+            r["source_id"],
+            r["message_id"],
+            r["type"],
+            r["user_id"],
+            r["anonymous_id"],
+            r["previous_id"],
+            r["group_id"],
+            r["event"],
+            r["name"],
+            r["timestamp"],
+            r["received_at"],
+            r["properties"] or {},
+            r["traits"] or {},
+            r["context"] or {},
+            r["campaign"] or {},
+            r["click_ids"] or [],
+        )
+
+
+ApplyFn = Callable[[asyncpg.Connection, list[LogEvent]], Awaitable[None]]
+
+
+class LogConsumer:
+    """Applies the event log, in order, to one consumer's state.
+
+    ``apply(conn, events)`` runs inside the transaction that also moves the position: it must do
+    all its writes on ``conn``. If it raises, nothing of the batch is kept and the batch is retried.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        schema: str,
+        name: str,
+        apply: ApplyFn,
+        batch_size: int = 1000,
+        idle_wait: float = 0.25,
+    ) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.name = name
+        self.apply = apply
+        self.batch_size = batch_size
+        self.idle_wait = idle_wait
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.applied_total = 0
+
+    async def ensure(self) -> None:
+        """Creates the positions table and this consumer's row (at the start of the log)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                f"""create table if not exists {self.schema}.log_positions (
+                    consumer text primary key,
+                    xid bigint not null default 0,
+                    seq bigint not null default 0,
+                    updated_at timestamptz not null default now())"""
+            )
+            await conn.execute(
+                f"insert into {self.schema}.log_positions (consumer) values ($1) on conflict do nothing",
+                self.name,
+            )
+
+    async def position(self) -> tuple[int, int]:
+        row = await self.pool.fetchrow(
+            f"select xid, seq from {self.schema}.log_positions where consumer = $1", self.name
+        )
+        assert row is not None, "call ensure() first"
+        return row["xid"], row["seq"]
+
+    async def step(self) -> int:
+        """Applies at most one batch; returns how many events it applied."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            pos = await conn.fetchrow(
+                f"select xid, seq from {self.schema}.log_positions where consumer = $1 for update",
+                self.name,
+            )
+            if pos is None:
+                raise RuntimeError(f"consumer {self.name} has no position row; call ensure() first")
+            rows = await conn.fetch(
+                f"""select {_COLUMNS} from ingest.event_log
+                    where (xid, seq) > ($1::text::xid8, $2)
+                      and xid < pg_snapshot_xmin(pg_current_snapshot())
+                    order by xid, seq
+                    limit $3""",
+                str(pos["xid"]),
+                pos["seq"],
+                self.batch_size,
+            )
+            if not rows:
+                return 0
+            events = [LogEvent.from_record(r) for r in rows]
+            await self.apply(conn, events)
+            last = events[-1]
+            await conn.execute(
+                f"update {self.schema}.log_positions set xid = $2, seq = $3, updated_at = now() "
+                "where consumer = $1",
+                self.name,
+                last.xid,
+                last.seq,
+            )
+        self.applied_total += len(events)
+        return len(events)
+
+    async def catch_up(self) -> int:
+        """Applies batches until nothing is left below the horizon; returns how many applied."""
+        total = 0
+        while n := await self.step():
+            total += n
+        return total
+
+    async def lag(self, cap: int = 100_000) -> tuple[int, float]:
+        """(events not yet applied, capped; seconds since the oldest of them was received)."""
+        xid, seq = await self.position()
+        row = await self.pool.fetchrow(
+            """select count(*) as n, extract(epoch from now() - min(received_at))::float8 as age
+               from (select received_at from ingest.event_log
+                     where (xid, seq) > ($1::text::xid8, $2) limit $3) t""",
+            str(xid),
+            seq,
+            cap,
+        )
+        assert row is not None
+        return int(row["n"]), float(row["age"] or 0.0)
+
+    async def run(self) -> None:
+        """Applies the log until stop(); wakes on NOTIFY from ingest, else polls."""
+        listener: asyncpg.Connection | None = None
+
+        def on_notify(*_: Any) -> None:
+            self._wake.set()
+
+        while not self._stopping.is_set():
+            try:
+                if listener is None or listener.is_closed():
+                    listener = await self.pool.acquire()
+                    await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+                applied = await self.step()
+                if applied == 0:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.idle_wait)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("consumer step failed; retrying", extra={"consumer": self.name})
+                if listener is not None:
+                    with contextlib.suppress(Exception):
+                        await self.pool.release(listener)
+                    listener = None
+                await asyncio.sleep(1.0)
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await listener.remove_listener(NOTIFY_CHANNEL, on_notify)
+                await self.pool.release(listener)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()

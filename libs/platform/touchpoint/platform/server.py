@@ -1,0 +1,203 @@
+"""The server bootstrap every service uses: grpc.aio with the metrics and error interceptor,
+the standard grpc.health.v1 service, reflection, Prometheus /metrics, and a graceful shutdown
+on SIGTERM/SIGINT that drains in-flight calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from prometheus_client import Counter, Histogram, start_http_server
+
+from touchpoint.platform.errors import ServiceError, unavailable
+
+log = logging.getLogger(__name__)
+
+_RPC_METRICS: dict[str, tuple[Counter, Histogram]] = {}
+
+
+def rpc_metrics(service: str) -> tuple[Counter, Histogram]:
+    """RED metrics of a service's RPCs (one set per service name in this process)."""
+    if service not in _RPC_METRICS:
+        _RPC_METRICS[service] = (
+            Counter(
+                f"touchpoint_{service}_rpc_handled_total",
+                "RPCs completed, by method and gRPC status code.",
+                ["method", "code"],
+            ),
+            Histogram(
+                f"touchpoint_{service}_rpc_duration_seconds",
+                "Time to handle an RPC, by method.",
+                ["method"],
+                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            ),
+        )
+    return _RPC_METRICS[service]
+
+
+# Errors that mean the database cannot be reached right now: answered UNAVAILABLE (retryable).
+DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+    asyncio.TimeoutError,
+)
+
+
+class MetricsAndErrorsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every RPC, and maps exceptions to google.rpc.Status answers."""
+
+    def __init__(self, service: str) -> None:
+        self.handled, self.duration = rpc_metrics(service)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        inner = handler.unary_unary
+        handled, duration = self.handled, self.duration
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except ServiceError as err:
+                code = err.code
+                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+            except DB_DOWN_ERRORS as exc:
+                code = grpc.StatusCode.UNAVAILABLE
+                log.warning("database unavailable", extra={"method": method, "error": repr(exc)})
+                err = unavailable("DATABASE_UNAVAILABLE", "the database cannot be reached; retry later")
+                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                # context.abort raises an exception of grpc's own: let it through untouched.
+                if type(exc).__name__ == "AbortError":
+                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error", extra={"method": method})
+                err = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the server log")
+                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+            finally:
+                handled.labels(method, code.name).inc()
+                duration.labels(method).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+@dataclass
+class ServerHandle:
+    """A started server: its ports and how to stop it."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int | None
+    service_names: Sequence[str]
+    _metrics_server: Any = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def stop(self, grace: float) -> None:
+        """Marks NOT_SERVING, refuses new calls, drains in-flight ones for up to `grace` s."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+
+async def start_server(
+    *,
+    service: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    listen: str,
+    metrics_port: int | None,
+    options: Sequence[tuple[str, Any]] = (),
+) -> ServerHandle:
+    """Builds and starts a gRPC server the one way every service does.
+
+    `register` adds the servicers; `service_names` are their full names (for health and
+    reflection). `listen` is host:port (tests pass "127.0.0.1:0"); `metrics_port` None means no
+    /metrics endpoint (the gateway serves its own), 0 means any free port.
+    """
+    server = grpc.aio.server(
+        interceptors=[MetricsAndErrorsInterceptor(service)],
+        options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+            *options,
+        ],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {listen}")
+    await server.start()
+    for name in [*service_names, ""]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics_server = None
+    bound_metrics = None
+    if metrics_port is not None:
+        metrics_server, _thread = start_http_server(metrics_port)
+        bound_metrics = metrics_server.server_port
+    log.info("serving", extra={"service": service, "port": port, "metrics_port": bound_metrics})
+    return ServerHandle(server, health_servicer, port, bound_metrics, list(service_names), metrics_server)
+
+
+async def wait_for_shutdown_signal() -> str:
+    """Returns when SIGTERM or SIGINT arrives; the name of the signal."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[str] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s.name))
+    try:
+        return await got
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    """Runs a service's async main on uvloop."""
+    import uvloop
+
+    uvloop.run(main())

@@ -1,0 +1,133 @@
+"""Every SQL statement of the ingest service."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.ingest.domain import Source
+from touchpoint.platform.eventlog import NOTIFY_CHANNEL
+
+# The columns of a prepared row (domain.prepare), in order.
+EVENT_COLUMNS = (
+    "space_id",
+    "source_id",
+    "message_id",
+    "type",
+    "user_id",
+    "anonymous_id",
+    "previous_id",
+    "group_id",
+    "event",
+    "name",
+    "timestamp",
+    "original_timestamp",
+    "sent_at",
+    "received_at",
+    "properties",
+    "traits",
+    "context",
+    "integrations",
+    "campaign",
+    "click_ids",
+)
+_SOURCE_ID, _MESSAGE_ID, _RECEIVED_AT = 1, 2, 13
+
+
+async def create_source(
+    pool: asyncpg.Pool,
+    *,
+    write_key: str,
+    name: str,
+    space_id: str = "default",
+    enabled: bool = True,
+    source_id: str | None = None,
+) -> str:
+    """Creates a source (idempotent on write_key); returns its id."""
+    sid = source_id or f"src_{secrets.token_hex(6)}"
+    row = await pool.fetchrow(
+        """insert into ingest.sources (id, space_id, name, write_key, enabled)
+           values ($1, $2, $3, $4, $5)
+           on conflict (write_key) do update set write_key = excluded.write_key
+           returning id""",
+        sid,
+        space_id,
+        name,
+        write_key,
+        enabled,
+    )
+    assert row is not None
+    return str(row["id"])
+
+
+async def set_source_enabled(pool: asyncpg.Pool, source_id: str, enabled: bool) -> None:
+    await pool.execute("update ingest.sources set enabled = $2 where id = $1", source_id, enabled)
+
+
+async def source_by_write_key(pool: asyncpg.Pool, write_key: str) -> Source | None:
+    row = await pool.fetchrow(
+        "select id, space_id, enabled from ingest.sources where write_key = $1", write_key
+    )
+    return None if row is None else Source(row["id"], row["space_id"], row["enabled"])
+
+
+async def write_rows(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> set[tuple[str, str]]:
+    """Stores the rows whose (source_id, message_id) was not seen before, in one transaction.
+
+    Returns the keys stored now; the others are duplicates. The rows must not repeat a key.
+    Keys are inserted in sorted order so that concurrent writers lock them in the same order
+    and cannot deadlock.
+    """
+    ordered = sorted(rows, key=lambda r: (r[_SOURCE_ID], r[_MESSAGE_ID]))
+    async with conn.transaction():
+        fresh = await conn.fetch(
+            """insert into ingest.message_ids (source_id, message_id, received_at)
+               select * from unnest($1::text[], $2::text[], $3::timestamptz[])
+               on conflict do nothing
+               returning source_id, message_id""",
+            [r[_SOURCE_ID] for r in ordered],
+            [r[_MESSAGE_ID] for r in ordered],
+            [r[_RECEIVED_AT] for r in ordered],
+        )
+        stored = {(f["source_id"], f["message_id"]) for f in fresh}
+        if stored:
+            records = (
+                ordered
+                if len(stored) == len(ordered)
+                else [r for r in ordered if (r[_SOURCE_ID], r[_MESSAGE_ID]) in stored]
+            )
+            await conn.copy_records_to_table(
+                "events", schema_name="ingest", columns=EVENT_COLUMNS, records=records
+            )
+            await conn.execute(f"notify {NOTIFY_CHANNEL}")
+    return stored
+
+
+async def get_events(pool: asyncpg.Pool, source_id: str, message_ids: Sequence[str]) -> list[asyncpg.Record]:
+    rows = await pool.fetch(
+        """select * from ingest.event_log
+           where source_id = $1 and message_id = any($2::text[])""",
+        source_id,
+        list(message_ids),
+    )
+    by_id = {r["message_id"]: r for r in rows}
+    return [by_id[m] for m in message_ids if m in by_id]
+
+
+async def ensure_partitions(pool: asyncpg.Pool, months_ahead: int = 2) -> None:
+    await pool.execute("select ingest.ensure_partitions($1)", months_ahead)
+
+
+async def prune_message_ids(pool: asyncpg.Pool, older_than: datetime, limit: int = 10_000) -> int:
+    """Deletes dedup keys older than the window, a small batch at a time; returns how many."""
+    result = await pool.execute(
+        """delete from ingest.message_ids where ctid = any(array(
+               select ctid from ingest.message_ids where received_at < $1 limit $2))""",
+        older_than,
+        limit,
+    )
+    return int(result.split()[-1])

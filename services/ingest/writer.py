@@ -1,0 +1,177 @@
+"""Group commit: rows of concurrent requests share one transaction.
+
+Each request hands its rows to the writer and waits for the commit. While a flush is in
+flight, new requests queue up; the next free flush slot takes everything queued (up to
+`max_rows`) at once. No artificial delay is added: under light load a request is flushed alone
+at once, under heavy load batches grow by themselves, which is what raises throughput (one
+transaction, one COPY and one dedup insert for many requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from prometheus_client import Gauge, Histogram
+
+from services.ingest import store
+from touchpoint.platform.errors import resource_exhausted
+
+log = logging.getLogger(__name__)
+
+FLUSH_ROWS = Histogram(
+    "touchpoint_ingest_flush_rows",
+    "Rows written per group commit.",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000),
+)
+FLUSH_SECONDS = Histogram(
+    "touchpoint_ingest_flush_duration_seconds",
+    "Time of one group commit (dedup insert + COPY + commit).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+QUEUED_ROWS = Gauge("touchpoint_ingest_queued_rows", "Rows waiting for a group commit.")
+
+Key = tuple[str, str]
+
+
+@dataclass(slots=True)
+class _Pending:
+    rows: list[tuple[Any, ...]]
+    future: asyncio.Future[set[Key]]
+    keys: list[Key] = field(default_factory=list)
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        max_rows: int = 2000,
+        concurrency: int = 2,
+        max_queued_rows: int = 50_000,
+    ) -> None:
+        self.pool = pool
+        self.max_rows = max_rows
+        self.max_queued_rows = max_queued_rows
+        self._slots = asyncio.Semaphore(concurrency)
+        self._queue: list[_Pending] = []
+        self._queued_rows = 0
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ingest-writer")
+
+    async def stop(self) -> None:
+        """Flushes what is queued, then stops."""
+        self._closing = True
+        self._work.set()
+        if self._task is not None:
+            await self._task
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    async def write(self, rows: list[tuple[Any, ...]]) -> set[Key]:
+        """Stores rows (distinct keys); returns the keys stored now. Raises when shedding load
+        or when the database fails (nothing of this call is then committed)."""
+        if self._closing:
+            raise resource_exhausted("SHUTTING_DOWN", "ingest is shutting down; retry", 1.0)
+        if self._queued_rows + len(rows) > self.max_queued_rows:
+            raise resource_exhausted(
+                "OVERLOADED", f"ingest has {self._queued_rows} rows waiting to be written; retry later", 1.0
+            )
+        future: asyncio.Future[set[Key]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(rows, future))
+        self._queued_rows += len(rows)
+        QUEUED_ROWS.set(self._queued_rows)
+        self._work.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self._queue:
+                await self._slots.acquire()
+                batch: list[_Pending] = []
+                n = 0
+                while self._queue and (not batch or n + len(self._queue[0].rows) <= self.max_rows):
+                    p = self._queue.pop(0)
+                    batch.append(p)
+                    n += len(p.rows)
+                self._queued_rows -= n
+                QUEUED_ROWS.set(self._queued_rows)
+                task = asyncio.create_task(self._flush(batch))
+                self._flushes.add(task)
+                task.add_done_callback(self._flushes.discard)
+            if self._closing and not self._queue:
+                return
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            try:
+                await self._write(batch)
+            except asyncpg.PostgresError as exc:
+                if len(batch) == 1 or isinstance(exc, _CONNECTION_ERRORS):
+                    raise
+                # A data error fails the whole transaction: retry each request alone so that only
+                # the request at fault fails.
+                log.warning("group commit failed; retrying requests one by one", extra={"error": repr(exc)})
+                for p in batch:
+                    try:
+                        await self._write([p])
+                    except Exception as one:
+                        if not p.future.done():
+                            p.future.set_exception(one)
+        except Exception as exc:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        finally:
+            self._slots.release()
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        owned: set[Key] = set()
+        rows: list[tuple[Any, ...]] = []
+        for p in batch:
+            p.keys = []
+            for r in p.rows:
+                key = (r[store._SOURCE_ID], r[store._MESSAGE_ID])
+                if key in owned:
+                    continue  # the same message in two concurrent requests: the first one owns it
+                owned.add(key)
+                p.keys.append(key)
+                rows.append(r)
+        with FLUSH_SECONDS.time():
+            async with self.pool.acquire() as conn:
+                stored = await _write_retrying(conn, rows)
+        FLUSH_ROWS.observe(len(rows))
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result({k for k in p.keys if k in stored})
+
+
+_CONNECTION_ERRORS = (
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+
+
+async def _write_retrying(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> set[Key]:
+    for attempt in range(3):
+        try:
+            return await store.write_rows(conn, rows)
+        except asyncpg.exceptions.DeadlockDetectedError:
+            # Keys are locked in sorted order, so this needs a writer outside ingest; retry.
+            if attempt == 2:
+                raise
+            with contextlib.suppress(Exception):
+                await asyncio.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
