@@ -14,7 +14,7 @@ import asyncpg
 import grpc
 
 from services.ingest import store
-from services.ingest.servicer import IngestServicer, SourceCache
+from services.ingest.servicer import IngestServicer, SourceCache, SuppressionCache
 from services.ingest.writer import BatchWriter
 from touchpoint.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from touchpoint.platform.db import migrate
@@ -108,7 +108,12 @@ async def start_ingest(pool: asyncpg.Pool, settings: IngestSettings) -> IngestAp
         max_queued_rows=settings.max_queued_rows,
     )
     writer.start()
-    servicer = IngestServicer(pool, writer, SourceCache(pool, settings.source_cache_seconds))
+    servicer = IngestServicer(
+        pool,
+        writer,
+        SourceCache(pool, settings.source_cache_seconds),
+        SuppressionCache(pool, settings.source_cache_seconds),
+    )
 
     def register(server: grpc.aio.Server) -> None:
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)

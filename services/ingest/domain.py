@@ -89,6 +89,37 @@ class Prepared:
 
     message_id: str
     row: tuple[Any, ...]
+    # The identifiers a suppression can match (only collected when the space has suppressions).
+    identifiers: tuple[tuple[str, str], ...] = ()
+
+
+def normalise_email(value: str) -> str:
+    return value.strip().lower()
+
+
+def _identifiers(
+    user_id: str | None,
+    anonymous_id: str | None,
+    previous_id: str | None,
+    traits: dict[str, Any] | None,
+    context: dict[str, Any],
+) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    for kind, value in (("user_id", user_id), ("anonymous_id", anonymous_id), ("user_id", previous_id)):
+        if value:
+            out.append((kind, value))
+        if kind == "user_id" and value:
+            out.append(("anonymous_id", value))  # an alias previousId may be either kind
+    ctx_traits = context.get("traits")
+    for t in (traits, ctx_traits if isinstance(ctx_traits, dict) else None):
+        if t and isinstance(t.get("email"), str) and t["email"].strip():
+            out.append(("email", normalise_email(t["email"])))
+    device = context.get("device")
+    if isinstance(device, dict):
+        for key, kind in (("id", "device_id"), ("advertisingId", "advertising_id")):
+            if isinstance(device.get(key), str) and device[key].strip():
+                out.append((kind, device[key].strip()))
+    return tuple(out)
 
 
 def _violation(field: str, reason: str, description: str) -> pb.FieldViolation:
@@ -164,6 +195,7 @@ def prepare(
     source: Source,
     received_at: datetime,
     client_ip: str,
+    collect_identifiers: bool = False,
 ) -> Prepared | list[pb.FieldViolation]:
     """Validates and normalises one message: the row to store, or what is wrong with it."""
     bad: list[pb.FieldViolation] = []
@@ -229,7 +261,7 @@ def prepare(
     integrations = _json_object(msg.integrations_json, "integrations", bad)
     if bad:
         return bad
-    _ = props, traits, integrations  # validated only: stored as the bytes received
+    _ = props, integrations  # validated only: stored as the bytes received
 
     context_changed = False
     if context is None:
@@ -305,7 +337,8 @@ def prepare(
         orjson.dumps(campaign) if campaign else None,
         orjson.dumps(clicks) if clicks else None,
     )
-    return Prepared(message_id, row)
+    idents = _identifiers(user_id, anonymous_id, previous_id, traits, context) if collect_identifiers else ()
+    return Prepared(message_id, row, idents)
 
 
 def _set_default(obj: dict[str, Any], path: tuple[str, ...], value: str) -> bool:

@@ -27,6 +27,8 @@ REQUESTS_REFUSED = Counter(
 _ACCEPTED = pb.OUTCOME_ACCEPTED
 _DUPLICATE = pb.OUTCOME_DUPLICATE
 _REJECTED = pb.OUTCOME_REJECTED
+_SUPPRESSED = pb.OUTCOME_SUPPRESSED
+_MAX_BULK = 10_000
 _MAX_GET = 1000
 
 
@@ -52,11 +54,36 @@ class SourceCache:
         return source
 
 
+class SuppressionCache:
+    """Suppressed identifiers per space, kept `ttl` seconds; this replica's own suppressions
+    apply at once, other replicas' within `ttl`."""
+
+    def __init__(self, pool: asyncpg.Pool, ttl: float) -> None:
+        self.pool = pool
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, frozenset[tuple[str, str]]]] = {}
+
+    async def get(self, space_id: str) -> frozenset[tuple[str, str]]:
+        now = time.monotonic()
+        hit = self._cache.get(space_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = await store.suppressions(self.pool, space_id)
+        self._cache[space_id] = (now + self.ttl, value)
+        return value
+
+    def invalidate(self, space_id: str) -> None:
+        self._cache.pop(space_id, None)
+
+
 class IngestServicer(pb_grpc.IngestServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, writer: BatchWriter, sources: SourceCache) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, writer: BatchWriter, sources: SourceCache, suppressions: SuppressionCache
+    ) -> None:
         self.pool = pool
         self.writer = writer
         self.sources = sources
+        self.suppressions = suppressions
 
     async def WriteEvents(
         self, request: pb.WriteEventsRequest, context: grpc.aio.ServicerContext
@@ -86,6 +113,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 [Violation("batch", "TOO_LARGE", f"{size} > {domain.MAX_REQUEST_BYTES} bytes")],
             )
 
+        suppressed_ids = await self.suppressions.get(source.space_id)
         received_at = datetime.now(timezone.utc)
         outcomes: list[int] = [_DUPLICATE] * count
         ids: list[str] = [""] * count
@@ -93,7 +121,13 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         rows = []
         row_index: dict[str, int] = {}
         for i, msg in enumerate(request.events):
-            prepared = domain.prepare(msg, source=source, received_at=received_at, client_ip=request.client_ip)
+            prepared = domain.prepare(
+                msg,
+                source=source,
+                received_at=received_at,
+                client_ip=request.client_ip,
+                collect_identifiers=bool(suppressed_ids),
+            )
             if isinstance(prepared, list):
                 outcomes[i] = _REJECTED
                 ids[i] = msg.message_id
@@ -102,6 +136,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     REJECTIONS.labels(v.field, v.reason).inc()
                 continue
             ids[i] = prepared.message_id
+            if suppressed_ids and not suppressed_ids.isdisjoint(prepared.identifiers):
+                outcomes[i] = _SUPPRESSED
+                continue
             if prepared.message_id in row_index:
                 continue  # repeated within the request: stored once, answered duplicate
             row_index[prepared.message_id] = i
@@ -113,23 +150,21 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 outcomes[row_index[message_id]] = _ACCEPTED
 
         response = pb.WriteEventsResponse()
-        accepted = duplicates = 0
+        tally = {_ACCEPTED: 0, _DUPLICATE: 0, _REJECTED: 0, _SUPPRESSED: 0}
         for i in range(count):
             outcome = outcomes[i]
-            if outcome == _ACCEPTED:
-                accepted += 1
-                response.results.add(message_id=ids[i], outcome=outcome)  # type: ignore[arg-type]
-            elif outcome == _DUPLICATE:
-                duplicates += 1
-                response.results.add(message_id=ids[i], outcome=outcome)  # type: ignore[arg-type]
-            else:
+            tally[outcome] += 1
+            if outcome == _REJECTED:
                 response.results.add(message_id=ids[i], outcome=outcome, violations=violations[i])  # type: ignore[arg-type]
-        response.accepted = accepted
-        response.duplicates = duplicates
-        response.rejected = len(violations)
-        MESSAGES.labels("accepted").inc(accepted)
-        MESSAGES.labels("duplicate").inc(duplicates)
-        MESSAGES.labels("rejected").inc(len(violations))
+            else:
+                response.results.add(message_id=ids[i], outcome=outcome)  # type: ignore[arg-type]
+        response.accepted = tally[_ACCEPTED]
+        response.duplicates = tally[_DUPLICATE]
+        response.rejected = tally[_REJECTED]
+        response.suppressed = tally[_SUPPRESSED]
+        for outcome, label in ((_ACCEPTED, "accepted"), (_DUPLICATE, "duplicate"),
+                               (_REJECTED, "rejected"), (_SUPPRESSED, "suppressed")):  # fmt: skip
+            MESSAGES.labels(label).inc(tally[outcome])
         return response
 
     async def GetEvents(
@@ -144,3 +179,41 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             raise invalid_argument("INVALID_REQUEST", "the request is invalid", bad)
         rows = await store.get_events(self.pool, request.source_id, list(request.message_ids))
         return pb.GetEventsResponse(events=[domain.row_to_event(r) for r in rows])
+
+    async def DeleteEvents(
+        self, request: pb.DeleteEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteEventsResponse:
+        if len(request.events) > _MAX_BULK:
+            raise invalid_argument(
+                "TOO_MANY", "too many events", [Violation("events", "TOO_MANY", f"at most {_MAX_BULK}")]
+            )
+        bad = [
+            Violation(f"events[{i}]", "REQUIRED", "source_id and message_id are required")
+            for i, ref in enumerate(request.events)
+            if not ref.source_id or not ref.message_id
+        ]
+        if bad:
+            raise invalid_argument("INVALID_REQUEST", "some event references are incomplete", bad)
+        deleted = await store.delete_events(self.pool, [(r.source_id, r.message_id) for r in request.events])
+        return pb.DeleteEventsResponse(deleted=deleted)
+
+    async def SuppressIdentifiers(
+        self, request: pb.SuppressIdentifiersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SuppressIdentifiersResponse:
+        bad = []
+        if not request.space_id:
+            bad.append(Violation("space_id", "REQUIRED", "space_id is required"))
+        if len(request.identifiers) > _MAX_BULK:
+            bad.append(Violation("identifiers", "TOO_MANY", f"at most {_MAX_BULK}"))
+        idents = []
+        for i, ident in enumerate(request.identifiers):
+            if not ident.kind or not ident.value.strip():
+                bad.append(Violation(f"identifiers[{i}]", "REQUIRED", "kind and value are required"))
+                continue
+            value = domain.normalise_email(ident.value) if ident.kind == "email" else ident.value.strip()
+            idents.append((ident.kind, value))
+        if bad:
+            raise invalid_argument("INVALID_REQUEST", "the request is invalid", bad)
+        n = await store.suppress(self.pool, request.space_id, idents, request.reason)
+        self.suppressions.invalidate(request.space_id)
+        return pb.SuppressIdentifiersResponse(suppressed=n)

@@ -131,3 +131,32 @@ async def prune_message_ids(pool: asyncpg.Pool, older_than: datetime, limit: int
         limit,
     )
     return int(result.split()[-1])
+
+
+async def delete_events(pool: asyncpg.Pool, refs: Sequence[tuple[str, str]]) -> int:
+    result = await pool.execute(
+        """delete from ingest.events e
+           using unnest($1::text[], $2::text[]) as d(source_id, message_id)
+           where e.source_id = d.source_id and e.message_id = d.message_id""",
+        [r[0] for r in refs],
+        [r[1] for r in refs],
+    )
+    return int(result.split()[-1])
+
+
+async def suppress(pool: asyncpg.Pool, space_id: str, idents: Sequence[tuple[str, str]], reason: str) -> int:
+    result = await pool.execute(
+        """insert into ingest.suppressions (space_id, kind, value, reason)
+           select $1, k, v, $4 from unnest($2::text[], $3::text[]) as t(k, v)
+           on conflict do nothing""",
+        space_id,
+        [i[0] for i in idents],
+        [i[1] for i in idents],
+        reason,
+    )
+    return int(result.split()[-1])
+
+
+async def suppressions(pool: asyncpg.Pool, space_id: str) -> frozenset[tuple[str, str]]:
+    rows = await pool.fetch("select kind, value from ingest.suppressions where space_id = $1", space_id)
+    return frozenset((r["kind"], r["value"]) for r in rows)

@@ -33,6 +33,8 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     """Stored before (same source and message id): not stored again."""
     OUTCOME_REJECTED: _Outcome.ValueType  # 3
     """Not stored: see violations."""
+    OUTCOME_SUPPRESSED: _Outcome.ValueType  # 4
+    """Not stored: the message carries an identifier suppressed by a deletion request (GDPR)."""
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper):
     """What happened to one message of a batch."""
@@ -44,6 +46,8 @@ OUTCOME_DUPLICATE: Outcome.ValueType  # 2
 """Stored before (same source and message id): not stored again."""
 OUTCOME_REJECTED: Outcome.ValueType  # 3
 """Not stored: see violations."""
+OUTCOME_SUPPRESSED: Outcome.ValueType  # 4
+"""Not stored: the message carries an identifier suppressed by a deletion request (GDPR)."""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
@@ -152,12 +156,15 @@ class WriteEventsResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     """How many were stored now."""
     duplicates: _builtins.int
     """How many were stored before."""
     rejected: _builtins.int
     """How many were rejected."""
+    suppressed: _builtins.int
+    """How many were dropped because they carry a suppressed identifier."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___MessageResult]:
         """One result per event of the request, in the same order."""
@@ -169,10 +176,11 @@ class WriteEventsResponse(_message.Message):
         accepted: _builtins.int = ...,
         duplicates: _builtins.int = ...,
         rejected: _builtins.int = ...,
+        suppressed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "results", b"results", "suppressed", b"suppressed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -229,3 +237,107 @@ class GetEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEventsResponse: _TypeAlias = GetEventsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteEventsRequest(_message.Message):
+    """Which events to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional id of this request: a retried call with the same id has one effect."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.EventRef]:
+        """The events, at most 10,000 per call."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_event_pb2.EventRef] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteEventsRequest: _TypeAlias = DeleteEventsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteEventsResponse(_message.Message):
+    """What was deleted."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    """How many stored events were deleted by this call."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteEventsResponse: _TypeAlias = DeleteEventsResponse  # noqa: Y015
+
+@_typing.final
+class SuppressIdentifiersRequest(_message.Message):
+    """Which identifiers to suppress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPACE_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    space_id: _builtins.str
+    """The identity space of the identifiers."""
+    reason: _builtins.str
+    """Why (e.g. "gdpr-delete profiles/p_123"), kept with each suppression."""
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Identifier]:
+        """The identifiers, at most 10,000 per call."""
+
+    def __init__(
+        self,
+        *,
+        space_id: _builtins.str = ...,
+        identifiers: _abc.Iterable[_event_pb2.Identifier] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers", "reason", b"reason", "space_id", b"space_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressIdentifiersRequest: _TypeAlias = SuppressIdentifiersRequest  # noqa: Y015
+
+@_typing.final
+class SuppressIdentifiersResponse(_message.Message):
+    """The answer of SuppressIdentifiers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
+    suppressed: _builtins.int
+    """How many identifiers were newly suppressed (already suppressed ones do not count)."""
+    def __init__(
+        self,
+        *,
+        suppressed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["suppressed", b"suppressed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressIdentifiersResponse: _TypeAlias = SuppressIdentifiersResponse  # noqa: Y015

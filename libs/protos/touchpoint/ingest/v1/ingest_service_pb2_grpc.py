@@ -46,6 +46,16 @@ class IngestServiceStub:
                 request_serializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.GetEventsRequest.SerializeToString,
                 response_deserializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.GetEventsResponse.FromString,
                 _registered_method=True)
+        self.DeleteEvents = channel.unary_unary(
+                '/touchpoint.ingest.v1.IngestService/DeleteEvents',
+                request_serializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.DeleteEventsRequest.SerializeToString,
+                response_deserializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.DeleteEventsResponse.FromString,
+                _registered_method=True)
+        self.SuppressIdentifiers = channel.unary_unary(
+                '/touchpoint.ingest.v1.IngestService/SuppressIdentifiers',
+                request_serializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.SuppressIdentifiersRequest.SerializeToString,
+                response_deserializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.SuppressIdentifiersResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -74,6 +84,23 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteEvents(self, request, context):
+        """Deletes stored events (for GDPR deletion of a profile). Idempotent: deleting an event that
+        is already gone counts nothing and is no error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SuppressIdentifiers(self, request, context):
+        """Suppresses identifiers of a space: from now on, every message carrying one of them (as
+        userId, anonymousId, previousId, traits.email, context.traits.email, context.device.id or
+        context.device.advertisingId) is dropped at ingest and answered OUTCOME_SUPPRESSED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -86,6 +113,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.GetEvents,
                     request_deserializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.GetEventsRequest.FromString,
                     response_serializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.GetEventsResponse.SerializeToString,
+            ),
+            'DeleteEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEvents,
+                    request_deserializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.DeleteEventsRequest.FromString,
+                    response_serializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.DeleteEventsResponse.SerializeToString,
+            ),
+            'SuppressIdentifiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuppressIdentifiers,
+                    request_deserializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.SuppressIdentifiersRequest.FromString,
+                    response_serializer=touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.SuppressIdentifiersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +181,60 @@ class IngestService:
             '/touchpoint.ingest.v1.IngestService/GetEvents',
             touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.GetEventsRequest.SerializeToString,
             touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.GetEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/touchpoint.ingest.v1.IngestService/DeleteEvents',
+            touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.DeleteEventsRequest.SerializeToString,
+            touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.DeleteEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuppressIdentifiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/touchpoint.ingest.v1.IngestService/SuppressIdentifiers',
+            touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.SuppressIdentifiersRequest.SerializeToString,
+            touchpoint_dot_ingest_dot_v1_dot_ingest__service__pb2.SuppressIdentifiersResponse.FromString,
             options,
             channel_credentials,
             insecure,

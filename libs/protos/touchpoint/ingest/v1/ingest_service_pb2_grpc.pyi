@@ -47,6 +47,15 @@ class IngestServiceStub:
     """
     GetEvents: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.GetEventsRequest, _ingest_service_pb2.GetEventsResponse]
     """Reads stored events of a source by message id (for operators, tests and support)."""
+    DeleteEvents: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.DeleteEventsRequest, _ingest_service_pb2.DeleteEventsResponse]
+    """Deletes stored events (for GDPR deletion of a profile). Idempotent: deleting an event that
+    is already gone counts nothing and is no error.
+    """
+    SuppressIdentifiers: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.SuppressIdentifiersRequest, _ingest_service_pb2.SuppressIdentifiersResponse]
+    """Suppresses identifiers of a space: from now on, every message carrying one of them (as
+    userId, anonymousId, previousId, traits.email, context.traits.email, context.device.id or
+    context.device.advertisingId) is dropped at ingest and answered OUTCOME_SUPPRESSED.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -67,6 +76,15 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """
     GetEvents: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.GetEventsRequest, _ingest_service_pb2.GetEventsResponse]  # type: ignore[assignment]
     """Reads stored events of a source by message id (for operators, tests and support)."""
+    DeleteEvents: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.DeleteEventsRequest, _ingest_service_pb2.DeleteEventsResponse]  # type: ignore[assignment]
+    """Deletes stored events (for GDPR deletion of a profile). Idempotent: deleting an event that
+    is already gone counts nothing and is no error.
+    """
+    SuppressIdentifiers: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.SuppressIdentifiersRequest, _ingest_service_pb2.SuppressIdentifiersResponse]  # type: ignore[assignment]
+    """Suppresses identifiers of a space: from now on, every message carrying one of them (as
+    userId, anonymousId, previousId, traits.email, context.traits.email, context.device.id or
+    context.device.advertisingId) is dropped at ingest and answered OUTCOME_SUPPRESSED.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """IngestService validates, normalises, deduplicates and stores tracking events into the event
@@ -96,5 +114,26 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_service_pb2.GetEventsResponse, _abc.Awaitable[_ingest_service_pb2.GetEventsResponse]]:
         """Reads stored events of a source by message id (for operators, tests and support)."""
+
+    @_abc_1.abstractmethod
+    def DeleteEvents(
+        self,
+        request: _ingest_service_pb2.DeleteEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.DeleteEventsResponse, _abc.Awaitable[_ingest_service_pb2.DeleteEventsResponse]]:
+        """Deletes stored events (for GDPR deletion of a profile). Idempotent: deleting an event that
+        is already gone counts nothing and is no error.
+        """
+
+    @_abc_1.abstractmethod
+    def SuppressIdentifiers(
+        self,
+        request: _ingest_service_pb2.SuppressIdentifiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_service_pb2.SuppressIdentifiersResponse, _abc.Awaitable[_ingest_service_pb2.SuppressIdentifiersResponse]]:
+        """Suppresses identifiers of a space: from now on, every message carrying one of them (as
+        userId, anonymousId, previousId, traits.email, context.traits.email, context.device.id or
+        context.device.advertisingId) is dropped at ingest and answered OUTCOME_SUPPRESSED.
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
