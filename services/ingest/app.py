@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,7 @@ async def maintain(pool: asyncpg.Pool, settings: IngestSettings) -> None:
     while True:
         try:
             await store.ensure_partitions(pool)
-            cutoff = datetime.now(timezone.utc) - timedelta(days=settings.dedup_window_days)
+            cutoff = datetime.now(UTC) - timedelta(days=settings.dedup_window_days)
             while await store.prune_message_ids(pool, cutoff) > 0:
                 await asyncio.sleep(0.05)
         except asyncio.CancelledError:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -67,7 +68,7 @@ CLICK_ID_NETWORKS = {
     "twclid": "x",
 }
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _WS_RE = re.compile(r"\s+")
 
 
@@ -131,7 +132,7 @@ def _ts(msg: event_pb2.Event, field: str) -> datetime | None:
         return None
     t = getattr(msg, field)
     try:
-        return datetime.fromtimestamp(t.seconds + t.nanos / 1e9, tz=timezone.utc)
+        return datetime.fromtimestamp(t.seconds + t.nanos / 1e9, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return None
 
@@ -155,33 +156,43 @@ def parse_campaign(url: str, search: str = "") -> tuple[dict[str, Any], list[dic
 
     utm_campaign/source/medium/content/term become name/source/medium/content/term; any other
     utm_x is kept as x. Click ids come with their network. The first value of a parameter wins.
+    Returns fresh objects the caller may change.
     """
-    query = ""
-    if url:
-        try:
-            query = urlsplit(url).query
-        except ValueError:
-            query = ""
+    campaign, clicks = _parse_campaign_cached(url, search)
+    return dict(campaign), [dict(c) for c in clicks]
+
+
+@lru_cache(maxsize=8192)
+def _parse_campaign_cached(url: str, search: str) -> tuple[dict[str, str], tuple[dict[str, str], ...]]:
+    # Landing URLs repeat (one per ad, page or email link), so parsing is cached; most URLs
+    # carry neither UTM parameters nor click ids and leave at the first test.
+    query = url.partition("?")[2].partition("#")[0] if url else ""
     if search:
         query = (query + "&" + search.lstrip("?")) if query else search.lstrip("?")
-    campaign: dict[str, Any] = {}
+    campaign: dict[str, str] = {}
     clicks: list[dict[str, str]] = []
-    if not query:
-        return campaign, clicks
+    if not query or "=" not in query:
+        return campaign, ()
     seen_clicks: set[str] = set()
-    for key, value in parse_qsl(query, keep_blank_values=False):
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        if not eq:
+            continue
         k = key.lower()
-        value = value.strip()
+        is_utm = k.startswith("utm_")
+        if not is_utm and k not in CLICK_ID_NETWORKS:
+            continue
+        value = unquote_plus(value).strip()
         if not value:
             continue
-        if k.startswith("utm_"):
+        if is_utm:
             name = CAMPAIGN_KEYS.get(k, k[4:])
             if name and name not in campaign:
                 campaign[name] = value
-        elif k in CLICK_ID_NETWORKS and k not in seen_clicks:
+        elif k not in seen_clicks:
             seen_clicks.add(k)
             clicks.append({"kind": k, "network": CLICK_ID_NETWORKS[k], "value": value})
-    return campaign, clicks
+    return campaign, tuple(clicks)
 
 
 def _usable(value: str) -> str | None:
@@ -197,48 +208,71 @@ def prepare(
     client_ip: str,
     collect_identifiers: bool = False,
 ) -> Prepared | list[pb.FieldViolation]:
-    """Validates and normalises one message: the row to store, or what is wrong with it."""
-    bad: list[pb.FieldViolation] = []
-    type_name = EVENT_TYPES.get(msg.type)
-    if type_name is None:
-        bad.append(_violation("type", "INVALID_TYPE", "type must be identify, track, page, screen, group or alias"))
+    """Validates and normalises one message: the row to store, or what is wrong with it.
 
-    message_id = msg.message_id.strip()
+    This runs once per event on the hot path: every field is read once into a local, and the
+    common case (a valid message) does no more work than it must.
+    """
+    type_name = EVENT_TYPES.get(msg.type)
+    message_id = msg.message_id
+    raw_user, raw_anon, raw_event, raw_name = msg.user_id, msg.anonymous_id, msg.event, msg.name
+    raw_props, raw_traits, raw_ctx, raw_integ = (
+        msg.properties_json,
+        msg.traits_json,
+        msg.context_json,
+        msg.integrations_json,
+    )
+    bad: list[pb.FieldViolation] = []
+    if type_name is None:
+        bad.append(
+            _violation("type", "INVALID_TYPE", "type must be identify, track, page, screen, group or alias")
+        )
+    if message_id:
+        message_id = message_id.strip()
     if not message_id:
         message_id = str(uuid.uuid4())
     elif len(message_id) > MAX_MESSAGE_ID_CHARS:
-        bad.append(_violation("messageId", "TOO_LONG", f"messageId is longer than {MAX_MESSAGE_ID_CHARS} characters"))
-
+        bad.append(
+            _violation("messageId", "TOO_LONG", f"messageId is longer than {MAX_MESSAGE_ID_CHARS} characters")
+        )
     if msg.ByteSize() > MAX_MESSAGE_BYTES:
-        bad.append(_violation("message", "TOO_LARGE", f"the message is larger than {MAX_MESSAGE_BYTES} bytes"))
+        bad.append(
+            _violation("message", "TOO_LARGE", f"the message is larger than {MAX_MESSAGE_BYTES} bytes")
+        )
         return bad
-
-    for field, value in (("userId", msg.user_id), ("anonymousId", msg.anonymous_id),
-                         ("previousId", msg.previous_id), ("groupId", msg.group_id),
-                         ("event", msg.event), ("name", msg.name)):  # fmt: skip
-        if "\x00" in value:
-            bad.append(_violation(field, "NUL_CHARACTER", f"{field} contains a NUL character"))
-    for field, raw in (("properties", msg.properties_json), ("traits", msg.traits_json),
-                       ("context", msg.context_json), ("integrations", msg.integrations_json)):  # fmt: skip
-        # Postgres text and jsonb cannot hold NUL: refuse it here rather than fail a whole commit.
-        if b"\\u0000" in raw or b"\x00" in raw:
+    # Postgres text and jsonb cannot hold NUL: refuse it here rather than fail a whole commit.
+    # (A raw NUL byte is invalid JSON anyway, so only the escape needs looking for.)
+    if "\x00" in f"{raw_user}{raw_anon}{msg.previous_id}{msg.group_id}{raw_event}{raw_name}":
+        for field, value in (("userId", raw_user), ("anonymousId", raw_anon), ("previousId", msg.previous_id),
+                             ("groupId", msg.group_id), ("event", raw_event), ("name", raw_name)):  # fmt: skip
+            if "\x00" in value:
+                bad.append(_violation(field, "NUL_CHARACTER", f"{field} contains a NUL character"))
+    for field, raw in (("properties", raw_props), ("traits", raw_traits), ("context", raw_ctx),
+                       ("integrations", raw_integ)):  # fmt: skip
+        if raw and b"\\u0000" in raw:
             bad.append(_violation(field, "NUL_CHARACTER", f"{field} contains a NUL character (\\u0000)"))
     if bad:
         return bad
 
-    user_id = _usable(msg.user_id)
-    anonymous_id = _usable(msg.anonymous_id)
+    user_id = _usable(raw_user) if raw_user else None
+    anonymous_id = _usable(raw_anon) if raw_anon else None
     if user_id is None and anonymous_id is None:
-        if msg.user_id.strip() or msg.anonymous_id.strip():
-            junk = msg.user_id if msg.user_id.strip() else msg.anonymous_id
-            field = "userId" if msg.user_id.strip() else "anonymousId"
-            bad.append(_violation(field, "JUNK_ID", f"{junk!r} is a placeholder, not an id; send a real userId or anonymousId"))
+        if raw_user.strip() or raw_anon.strip():
+            junk = raw_user if raw_user.strip() else raw_anon
+            field = "userId" if raw_user.strip() else "anonymousId"
+            bad.append(
+                _violation(
+                    field,
+                    "JUNK_ID",
+                    f"{junk!r} is a placeholder, not an id; send a real userId or anonymousId",
+                )
+            )
         else:
             bad.append(_violation("userId", "REQUIRED", "userId or anonymousId is required"))
 
     previous_id = group_id = event_name = None
     if type_name == "track":
-        event_name = msg.event.strip() or None
+        event_name = raw_event.strip() or None
         if event_name is None:
             bad.append(_violation("event", "REQUIRED", "track needs an event name"))
     elif type_name == "alias":
@@ -247,7 +281,7 @@ def prepare(
             reason = "JUNK_ID" if msg.previous_id.strip() else "REQUIRED"
             bad.append(_violation("previousId", reason, "alias needs a real previousId"))
         if user_id is None:
-            reason = "JUNK_ID" if msg.user_id.strip() else "REQUIRED"
+            reason = "JUNK_ID" if raw_user.strip() else "REQUIRED"
             bad.append(_violation("userId", reason, "alias needs a real userId"))
     elif type_name == "group":
         group_id = _usable(msg.group_id)
@@ -255,42 +289,48 @@ def prepare(
             reason = "JUNK_ID" if msg.group_id.strip() else "REQUIRED"
             bad.append(_violation("groupId", reason, "group needs a real groupId"))
 
-    props = _json_object(msg.properties_json, "properties", bad)
-    traits = _json_object(msg.traits_json, "traits", bad)
-    context = _json_object(msg.context_json, "context", bad)
-    integrations = _json_object(msg.integrations_json, "integrations", bad)
+    # Validated only: properties and integrations are stored as the bytes received.
+    if raw_props:
+        _json_object(raw_props, "properties", bad)
+    traits = _json_object(raw_traits, "traits", bad) if raw_traits else None
+    context = _json_object(raw_ctx, "context", bad) if raw_ctx else None
+    if raw_integ:
+        _json_object(raw_integ, "integrations", bad)
     if bad:
         return bad
-    _ = props, integrations  # validated only: stored as the bytes received
 
     context_changed = False
     if context is None:
         context = {}
     # Typed mirrors sent by gRPC clients fill what context lacks: context stays the one truth.
-    for typed, path in (
-        (msg.ip, ("ip",)),
-        (msg.user_agent, ("userAgent",)),
-        (msg.page_url, ("page", "url")),
-        (msg.referrer, ("page", "referrer")),
-        (msg.device_id, ("device", "id")),
-        (msg.advertising_id, ("device", "advertisingId")),
-        (msg.device_token, ("device", "token")),
-    ):
-        if typed:
-            context_changed |= _set_default(context, path, typed)
+    ip, ua, purl, ref = msg.ip, msg.user_agent, msg.page_url, msg.referrer
+    dev, adv, tok = msg.device_id, msg.advertising_id, msg.device_token
+    if ip or ua or purl or ref or dev or adv or tok:
+        for typed, path in (
+            (ip, ("ip",)),
+            (ua, ("userAgent",)),
+            (purl, ("page", "url")),
+            (ref, ("page", "referrer")),
+            (dev, ("device", "id")),
+            (adv, ("device", "advertisingId")),
+            (tok, ("device", "token")),
+        ):
+            if typed:
+                context_changed |= _set_default(context, path, typed)
     if client_ip and not context.get("ip"):
         context["ip"] = client_ip
         context_changed = True
 
     page = context.get("page")
-    page_url = page_search = ""
-    if isinstance(page, dict):
-        u, s = page.get("url"), page.get("search")
-        page_url = u if isinstance(u, str) else ""
-        page_search = s if isinstance(s, str) else ""
-    campaign, clicks = parse_campaign(page_url, page_search)
+    campaign: dict[str, Any]
+    clicks: list[dict[str, str]]
+    if type(page) is dict and (page.get("url") or page.get("search")):
+        u, q = page.get("url"), page.get("search")
+        campaign, clicks = parse_campaign(u if type(u) is str else "", q if type(q) is str else "")
+    else:
+        campaign, clicks = {}, []
     explicit = context.get("campaign")
-    if isinstance(explicit, dict):
+    if type(explicit) is dict:
         for key, value in explicit.items():
             if isinstance(value, str | int | float) and str(value).strip():
                 campaign[key] = str(value).strip()
@@ -303,9 +343,16 @@ def prepare(
     if campaign and explicit != campaign:
         context["campaign"] = campaign
         context_changed = True
-    for c in msg.click_ids:
-        if c.value and all(x["kind"] != c.kind for x in clicks):
-            clicks.append({"kind": c.kind, "network": c.network or CLICK_ID_NETWORKS.get(c.kind, ""), "value": c.value})
+    if len(msg.click_ids):
+        for c in msg.click_ids:
+            if c.value and all(x["kind"] != c.kind for x in clicks):
+                clicks.append(
+                    {
+                        "kind": c.kind,
+                        "network": c.network or CLICK_ID_NETWORKS.get(c.kind, ""),
+                        "value": c.value,
+                    }
+                )
 
     original = _ts(msg, "original_timestamp") or _ts(msg, "timestamp")
     sent_at = _ts(msg, "sent_at")
@@ -314,7 +361,7 @@ def prepare(
     else:
         timestamp = original or received_at
 
-    context_bytes = orjson.dumps(context) if context_changed else (msg.context_json or None)
+    context_bytes = orjson.dumps(context) if context_changed else (raw_ctx or None)
     row = (
         source.space_id,
         source.id,
@@ -325,15 +372,15 @@ def prepare(
         previous_id,
         group_id,
         event_name,
-        msg.name.strip() or None,
+        raw_name.strip() or None,
         timestamp,
         original,
         sent_at,
         received_at,
-        msg.properties_json or None,
-        msg.traits_json or None,
+        raw_props or None,
+        raw_traits or None,
         context_bytes,
-        msg.integrations_json or None,
+        raw_integ or None,
         orjson.dumps(campaign) if campaign else None,
         orjson.dumps(clicks) if clicks else None,
     )
@@ -377,9 +424,9 @@ def row_to_event(r: Any) -> event_pb2.Event:
         ev.original_timestamp.FromDatetime(r["original_timestamp"])
     if r["sent_at"] is not None:
         ev.sent_at.FromDatetime(r["sent_at"])
-    ctx = r["context"] or {}
-    page = ctx.get("page") if isinstance(ctx.get("page"), dict) else {}
-    device = ctx.get("device") if isinstance(ctx.get("device"), dict) else {}
+    ctx: dict[str, Any] = r["context"] or {}
+    page: dict[str, Any] = ctx["page"] if isinstance(ctx.get("page"), dict) else {}
+    device: dict[str, Any] = ctx["device"] if isinstance(ctx.get("device"), dict) else {}
     ev.ip = str(ctx.get("ip") or "")
     ev.user_agent = str(ctx.get("userAgent") or "")
     ev.page_url = str(page.get("url") or "")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import asyncpg
 import grpc
@@ -114,8 +114,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             )
 
         suppressed_ids = await self.suppressions.get(source.space_id)
-        received_at = datetime.now(timezone.utc)
-        outcomes: list[int] = [_DUPLICATE] * count
+        received_at = datetime.now(UTC)
+        outcomes: list[pb.Outcome.ValueType] = [_DUPLICATE] * count
         ids: list[str] = [""] * count
         violations: dict[int, list[pb.FieldViolation]] = {}
         rows = []
@@ -146,7 +146,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
         if rows:
             stored = await self.writer.write(rows)
-            for (_, message_id) in stored:
+            for _, message_id in stored:
                 outcomes[row_index[message_id]] = _ACCEPTED
 
         response = pb.WriteEventsResponse()
@@ -155,9 +155,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             outcome = outcomes[i]
             tally[outcome] += 1
             if outcome == _REJECTED:
-                response.results.add(message_id=ids[i], outcome=outcome, violations=violations[i])  # type: ignore[arg-type]
+                response.results.add(message_id=ids[i], outcome=outcome, violations=violations[i])
             else:
-                response.results.add(message_id=ids[i], outcome=outcome)  # type: ignore[arg-type]
+                response.results.add(message_id=ids[i], outcome=outcome)
         response.accepted = tally[_ACCEPTED]
         response.duplicates = tally[_DUPLICATE]
         response.rejected = tally[_REJECTED]

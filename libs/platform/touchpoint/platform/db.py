@@ -27,7 +27,9 @@ _MIGRATION_LOCK = 0x7470_6D69  # "tpmi"
 def _jsonb_encode(value: Any) -> bytes:
     # Values already serialised (bytes of a JSON document) go through untouched: the hot paths
     # carry JSON bytes end to end and never build Python objects for them.
-    data = value if isinstance(value, bytes | bytearray | memoryview) else orjson.dumps(value)
+    if type(value) is bytes:
+        return b"\x01" + value
+    data = value if isinstance(value, bytearray | memoryview) else orjson.dumps(value)
     return b"\x01" + bytes(data)
 
 

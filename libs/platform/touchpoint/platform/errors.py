@@ -103,9 +103,9 @@ class ErrorDetails:
 
 def details_of(error: grpc.RpcError) -> ErrorDetails:
     """Reads the google.rpc.Status of a failed call (works for sync and aio errors)."""
-    code = error.code()  # type: ignore[attr-defined]
-    out = ErrorDetails(code=code, message=error.details() or "")  # type: ignore[attr-defined]
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    code = error.code()
+    out = ErrorDetails(code=code, message=error.details() or "")
+    status = rpc_status.from_call(error)
     if status is None:
         return out
     for detail in status.details:

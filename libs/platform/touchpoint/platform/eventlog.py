@@ -123,6 +123,8 @@ class LogConsumer:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.applied_total = 0
+        # Set while run() waits with nothing to apply (for operators' status and for tests).
+        self.idle = asyncio.Event()
 
     async def ensure(self) -> None:
         """Creates the positions table and this consumer's row (at the start of the log)."""
@@ -213,11 +215,13 @@ class LogConsumer:
                 if listener is None or listener.is_closed():
                     listener = await self.pool.acquire()
                     await listener.add_listener(NOTIFY_CHANNEL, on_notify)
+                self._wake.clear()
                 applied = await self.step()
                 if applied == 0:
-                    self._wake.clear()
+                    self.idle.set()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.idle_wait)
+                    self.idle.clear()
             except asyncio.CancelledError:
                 raise
             except Exception:

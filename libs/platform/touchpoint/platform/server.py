@@ -9,7 +9,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ class MetricsAndErrorsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        method = handler_call_details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
         handled, duration = self.handled, self.duration
 
@@ -83,26 +83,28 @@ class MetricsAndErrorsInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             try:
                 return await inner(request, context)
-            except ServiceError as err:
-                code = err.code
-                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+            except ServiceError as service_error:
+                code = service_error.code
+                await context.abort_with_status(rpc_status.to_status(service_error.to_status()))
             except DB_DOWN_ERRORS as exc:
                 code = grpc.StatusCode.UNAVAILABLE
                 log.warning("database unavailable", extra={"method": method, "error": repr(exc)})
-                err = unavailable("DATABASE_UNAVAILABLE", "the database cannot be reached; retry later")
-                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+                down = unavailable("DATABASE_UNAVAILABLE", "the database cannot be reached; retry later")
+                await context.abort_with_status(rpc_status.to_status(down.to_status()))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:
                 # context.abort raises an exception of grpc's own: let it through untouched.
                 if type(exc).__name__ == "AbortError":
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unhandled error", extra={"method": method})
-                err = ServiceError(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the server log")
-                await context.abort_with_status(rpc_status.to_status(err.to_status()))
+                internal = ServiceError(
+                    grpc.StatusCode.INTERNAL, "INTERNAL", "internal error; see the server log"
+                )
+                await context.abort_with_status(rpc_status.to_status(internal.to_status()))
             finally:
                 handled.labels(method, code.name).inc()
                 duration.labels(method).observe(time.perf_counter() - start)
@@ -187,8 +189,13 @@ async def wait_for_shutdown_signal() -> str:
     """Returns when SIGTERM or SIGINT arrives; the name of the signal."""
     loop = asyncio.get_running_loop()
     got: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not got.done():
+            got.set_result(sig.name)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: got.done() or got.set_result(s.name))
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await got
     finally:
@@ -196,7 +203,7 @@ async def wait_for_shutdown_signal() -> str:
             loop.remove_signal_handler(sig)
 
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Runs a service's async main on uvloop."""
     import uvloop
 

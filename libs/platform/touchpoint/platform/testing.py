@@ -62,7 +62,7 @@ async def eventually(
             if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
                 result = await result
             if result:
-                return result  # type: ignore[return-value]
+                return result  # type: ignore[return-value,unused-ignore]
             last = result
         except AssertionError as exc:
             last = exc
