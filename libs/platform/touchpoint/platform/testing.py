@@ -9,14 +9,12 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from touchpoint.platform.embedded import start_embedded
-
-T = TypeVar("T")
 
 
 def start_test_postgres() -> tuple[str, Any]:
@@ -46,12 +44,12 @@ async def create_database(admin_url: str, prefix: str = "tp_test") -> str:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[T]] | Callable[[], T],
+    check: Callable[[], Any],
     *,
     timeout: float = 10.0,
     interval: float = 0.02,
     message: str = "condition never held",
-) -> T:
+) -> Any:
     """Calls `check` until it returns a truthy value (returned) or raises nothing; fails after
     `timeout` with the last value or exception. Use it instead of sleeping in tests."""
     deadline = time.monotonic() + timeout
@@ -62,7 +60,7 @@ async def eventually(
             if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
                 result = await result
             if result:
-                return result  # type: ignore[return-value,unused-ignore]
+                return result
             last = result
         except AssertionError as exc:
             last = exc

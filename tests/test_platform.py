@@ -1,0 +1,175 @@
+"""libs/platform: migrations, the server bootstrap (health, reflection, metrics, errors,
+graceful shutdown) and settings."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import urllib.request
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from touchpoint.ingest.v1 import ingest_service_pb2 as pb
+from touchpoint.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from touchpoint.platform.db import migrate
+from touchpoint.platform.errors import Violation, details_of, invalid_argument
+from touchpoint.platform.server import start_server
+from touchpoint.platform.settings import SettingsError, env_int
+
+SERVICE = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
+
+
+class StandIn(pb_grpc.IngestServiceServicer):
+    """A real gRPC servicer whose behaviour each test steers through the write key."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def WriteEvents(
+        self, request: pb.WriteEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WriteEventsResponse:
+        if request.write_key == "slow":
+            self.started.set()
+            await self.release.wait()
+            return pb.WriteEventsResponse(accepted=7)
+        if request.write_key == "bad":
+            raise invalid_argument("BAD", "bad input", [Violation("events[0].userId", "REQUIRED", "needed")])
+        if request.write_key == "boom":
+            raise RuntimeError("secret internals")
+        return pb.WriteEventsResponse(accepted=1)
+
+
+def make_standin() -> StandIn:
+    return StandIn()  # type: ignore[abstract]  # the RPCs these tests do not call stay unimplemented
+
+
+async def started(servicer: StandIn, metrics_port: int | None = None):
+    return await start_server(
+        service="platformtest",
+        register=lambda s: pb_grpc.add_IngestServiceServicer_to_server(servicer, s),
+        service_names=[SERVICE],
+        listen="127.0.0.1:0",
+        metrics_port=metrics_port,
+    )
+
+
+async def test_health_reflection_and_metrics() -> None:
+    handle = await started(make_standin(), metrics_port=0)
+    try:
+        async with grpc.aio.insecure_channel(handle.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for name in ("", SERVICE):
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            names: list[str] = []
+            async for answer in refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            ):
+                names += [s.name for s in answer.list_services_response.service]
+            assert SERVICE in names and "grpc.health.v1.Health" in names
+            await pb_grpc.IngestServiceStub(ch).WriteEvents(pb.WriteEventsRequest(write_key="ok"))
+        assert handle.metrics_port
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics").read().decode()
+        )
+        assert 'touchpoint_platformtest_rpc_handled_total{code="OK",method="WriteEvents"}' in body
+        assert "touchpoint_platformtest_rpc_duration_seconds_bucket" in body
+    finally:
+        await handle.stop(0)
+
+
+async def test_errors_carry_rich_status_and_hide_internals() -> None:
+    handle = await started(make_standin())
+    try:
+        async with grpc.aio.insecure_channel(handle.address) as ch:
+            stub = pb_grpc.IngestServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.WriteEvents(pb.WriteEventsRequest(write_key="bad"))
+            d = details_of(err.value)
+            assert (d.code, d.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "BAD")
+            assert d.violations == [("events[0].userId", "REQUIRED: needed")]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.WriteEvents(pb.WriteEventsRequest(write_key="boom"))
+            d = details_of(err.value)
+            assert d.code == grpc.StatusCode.INTERNAL and "secret" not in d.message
+    finally:
+        await handle.stop(0)
+
+
+async def test_graceful_shutdown_drains_in_flight_calls_and_refuses_new_ones() -> None:
+    servicer = make_standin()
+    handle = await started(servicer)
+    async with grpc.aio.insecure_channel(handle.address) as ch:
+        stub = pb_grpc.IngestServiceStub(ch)
+        in_flight = asyncio.ensure_future(stub.WriteEvents(pb.WriteEventsRequest(write_key="slow")))
+        await asyncio.wait_for(servicer.started.wait(), 5)
+        stopping = asyncio.ensure_future(handle.stop(grace=5.0))
+        health = health_pb2_grpc.HealthStub(ch)
+
+        async def not_serving() -> bool:
+            try:
+                r = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                return r.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            except grpc.aio.AioRpcError:
+                return True
+
+        from touchpoint.platform.testing import eventually
+
+        await eventually(not_serving, timeout=5)
+        servicer.release.set()
+        resp = await in_flight  # the in-flight call completed, not cancelled
+        assert resp.accepted == 7
+        await stopping
+    async with grpc.aio.insecure_channel(handle.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pb_grpc.IngestServiceStub(ch).WriteEvents(pb.WriteEventsRequest(write_key="ok"), timeout=2)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_migrations_apply_once_under_concurrency_and_refuse_edits(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    service = "mig_" + secrets.token_hex(3)
+    (tmp_path / "0001_first.sql").write_text(f"create table public.{service}_t (id int primary key);")
+    (tmp_path / "0002_second.sql").write_text(f"insert into public.{service}_t values (1);")
+    results = await asyncio.gather(*(migrate(pool, service, tmp_path) for _ in range(4)))
+    assert sorted(len(r) for r in results) == [0, 0, 0, 2]  # one runner applied both, the others none
+    assert await pool.fetchval(f"select count(*) from public.{service}_t") == 1
+    (tmp_path / "0002_second.sql").write_text(f"insert into public.{service}_t values (2);")
+    with pytest.raises(RuntimeError, match="edited after it was applied"):
+        await migrate(pool, service, tmp_path)
+    (tmp_path / "3_bad.sql").write_text("select 1;")
+    with pytest.raises(ValueError, match="NNNN_lower_snake"):
+        await migrate(pool, service, tmp_path)
+
+
+async def test_failed_migration_leaves_nothing_half_applied(pool: asyncpg.Pool, tmp_path: Path) -> None:
+    service = "migfail_" + secrets.token_hex(3)
+    (tmp_path / "0001_broken.sql").write_text(
+        f"create table public.{service}_t (id int); select nonsense_column;"
+    )
+    with pytest.raises(asyncpg.PostgresError):
+        await migrate(pool, service, tmp_path)
+    assert await pool.fetchval("select to_regclass($1)", f"public.{service}_t") is None
+    assert (
+        await pool.fetchval("select count(*) from platform.schema_migrations where service = $1", service)
+        == 0
+    )
+
+
+def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOUCHPOINT_X", "abc")
+    with pytest.raises(SettingsError, match="TOUCHPOINT_X must be an integer"):
+        env_int("TOUCHPOINT_X", 1)
+    monkeypatch.setenv("TOUCHPOINT_X", "3")
+    with pytest.raises(SettingsError, match="at least 7"):
+        env_int("TOUCHPOINT_X", 7, minimum=7)
+    monkeypatch.delenv("TOUCHPOINT_X")
+    assert env_int("TOUCHPOINT_X", 9) == 9
