@@ -92,7 +92,7 @@ def cpu_seconds(pids: Sequence[int]) -> dict[str, float]:
                     total += t.user + t.system
                 except psutil.NoSuchProcess:
                     pass
-            out[name] = total
+            out[name] = out.get(name, 0.0) + total
         except psutil.NoSuchProcess:
             pass
     return out

@@ -114,7 +114,12 @@ async def phase_grpc(
         )
         bodies.append(req.SerializeToString())
     latencies: list[float] = []
-    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    # Several connections, so that SO_REUSEPORT spreads them over ingest's worker processes.
+    channels = [
+        grpc.aio.insecure_channel(a, options=[("grpc.use_local_subchannel_pool", 1)])
+        for a in addresses
+        for _ in range(8)
+    ]
     try:
         calls = [
             ch.unary_unary(
@@ -191,14 +196,9 @@ async def main(args: argparse.Namespace) -> None:
     ingest_port, gateway_port = free_port(), free_port()
     env = {"TOUCHPOINT_DATABASE_URL": url, "TOUCHPOINT_INGEST_LISTEN": f"127.0.0.1:{ingest_port}",
            "TOUCHPOINT_INGEST_METRICS_PORT": str(free_port())}  # fmt: skip
+    env["TOUCHPOINT_INGEST_WORKERS"] = str(args.workers)
     procs = [start_service("ingest", env)]
-    # Further replicas of ingest on their own ports; clients spread over them round-robin.
     ingest_addrs = [f"127.0.0.1:{ingest_port}"]
-    for _ in range(args.replicas - 1):
-        port = free_port()
-        procs.append(start_service("ingest", dict(env, TOUCHPOINT_INGEST_LISTEN=f"127.0.0.1:{port}",
-                                                  TOUCHPOINT_INGEST_METRICS_PORT=str(free_port()))))  # fmt: skip
-        ingest_addrs.append(f"127.0.0.1:{port}")
     try:
         for addr in ingest_addrs:
             wait_grpc(addr)
@@ -270,7 +270,7 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--no-gateway", dest="gateway", action="store_false")
-    parser.add_argument("--replicas", type=int, default=1, help="ingest processes (replicas)")
+    parser.add_argument("--workers", type=int, default=2, help="ingest worker processes (TOUCHPOINT_INGEST_WORKERS)")
     import uvloop
 
     uvloop.run(main(parser.parse_args()))

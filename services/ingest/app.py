@@ -45,6 +45,9 @@ class IngestSettings:
     flush_concurrency: int = 3
     # Seconds between maintenance rounds (partitions ahead, dedup pruning).
     maintenance_interval_seconds: float = 3600.0
+    # Worker processes sharing the port (SO_REUSEPORT); per-event Python work is CPU-bound, so
+    # on a machine with spare cores more than one raises throughput.
+    workers: int = 1
 
     @classmethod
     def from_env(cls) -> IngestSettings:
@@ -57,6 +60,7 @@ class IngestSettings:
             flush_max_rows=env_int("TOUCHPOINT_INGEST_FLUSH_MAX_ROWS", 2000, minimum=1),
             flush_concurrency=env_int("TOUCHPOINT_INGEST_FLUSH_CONCURRENCY", 3, minimum=1),
             maintenance_interval_seconds=env_float("TOUCHPOINT_INGEST_MAINTENANCE_SECONDS", 3600.0),
+            workers=env_int("TOUCHPOINT_INGEST_WORKERS", 1, minimum=1),
         )
 
     @classmethod
@@ -124,6 +128,7 @@ async def start_ingest(pool: asyncpg.Pool, settings: IngestSettings) -> IngestAp
         service_names=[SERVICE_NAME],
         listen=settings.listen,
         metrics_port=settings.metrics_port,
+        reuse_port=settings.workers > 1,
     )
     maintenance = asyncio.create_task(maintain(pool, settings), name="ingest-maintenance")
     return IngestApp(handle, writer, maintenance)

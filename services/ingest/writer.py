@@ -33,7 +33,9 @@ FLUSH_SECONDS = Histogram(
     "Time of one group commit (dedup insert + COPY + commit).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-QUEUED_ROWS = Gauge("touchpoint_ingest_queued_rows", "Rows waiting for a group commit.")
+QUEUED_ROWS = Gauge(
+    "touchpoint_ingest_queued_rows", "Rows waiting for a group commit.", multiprocess_mode="livesum"
+)
 
 Key = tuple[str, str]
 

@@ -148,6 +148,7 @@ async def start_server(
     listen: str,
     metrics_port: int | None,
     options: Sequence[tuple[str, Any]] = (),
+    reuse_port: bool = False,
 ) -> ServerHandle:
     """Builds and starts a gRPC server the one way every service does.
 
@@ -159,7 +160,7 @@ async def start_server(
         interceptors=[MetricsAndErrorsInterceptor(service)],
         options=[
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             *options,
         ],
     )
