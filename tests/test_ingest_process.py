@@ -45,7 +45,7 @@ async def test_two_workers_share_the_port_and_the_metrics(pool: asyncpg.Pool, da
         TOUCHPOINT_LOG_LEVEL="WARNING",
     )
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "services.ingest"], cwd=ROOT, env=env)  # noqa: ASYNC220
     try:
         channels = [
             grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])

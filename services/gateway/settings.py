@@ -64,4 +64,6 @@ class GatewaySettings:
 
     @classmethod
     def for_tests(cls, ingest_addr: str, **overrides: Any) -> GatewaySettings:
-        return replace(cls(listen="127.0.0.1:0", ingest_addr=ingest_addr, ingest_timeout_seconds=5.0), **overrides)
+        return replace(
+            cls(listen="127.0.0.1:0", ingest_addr=ingest_addr, ingest_timeout_seconds=5.0), **overrides
+        )
