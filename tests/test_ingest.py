@@ -342,3 +342,17 @@ async def test_database_down_answers_unavailable_and_stores_nothing(pool, source
         app.writer.pool = pool
         await app.stop()
         await dead.close()
+
+
+async def test_log_keeps_the_batch_order(stub, pool, source) -> None:
+    """An identify followed by a track in one batch is read back in that order."""
+    key, sid = source
+    ids = ["zz-identify", "aa-track", "mm-page"]  # sorted order differs from batch order
+    events = [
+        ev.Event(type=IDENTIFY, user_id="u1", message_id=ids[0]),
+        track(ids[1]),
+        ev.Event(type=ev.EVENT_TYPE_PAGE, user_id="u1", message_id=ids[2]),
+    ]
+    await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, events=events))
+    rows = await pool.fetch("select message_id from ingest.event_log where source_id = $1 order by xid, seq", sid)
+    assert [r["message_id"] for r in rows] == ids

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from touchpoint.platform.settings import SettingsError, env_float, env_list, env_str
+from touchpoint.platform.settings import SettingsError, env_float, env_int, env_list, env_str
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,6 +43,9 @@ class GatewaySettings:
     ingest_timeout_seconds: float = 10.0
     # Seconds /health waits for ingest's health service.
     health_timeout_seconds: float = 2.0
+    # Connections to ingest, used in turn: ingest's worker processes share one port and the
+    # kernel spreads connections over them, not calls.
+    ingest_connections: int = 4
     # Seconds a stopping gateway lets in-flight requests finish.
     shutdown_grace_seconds: float = 10.0
     # Log level of the root logger.
@@ -58,6 +61,7 @@ class GatewaySettings:
             trusted_proxies=parse_networks(env_list("TOUCHPOINT_GATEWAY_TRUSTED_PROXIES")),
             ingest_timeout_seconds=env_float("TOUCHPOINT_GATEWAY_INGEST_TIMEOUT_SECONDS", 10.0),
             health_timeout_seconds=env_float("TOUCHPOINT_GATEWAY_HEALTH_TIMEOUT_SECONDS", 2.0),
+            ingest_connections=env_int("TOUCHPOINT_GATEWAY_INGEST_CONNECTIONS", 4, minimum=1),
             shutdown_grace_seconds=env_float("TOUCHPOINT_SHUTDOWN_GRACE_SECONDS", 10.0),
             log_level=env_str("TOUCHPOINT_LOG_LEVEL", "INFO"),
         )

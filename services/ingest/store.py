@@ -79,26 +79,27 @@ async def write_rows(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) 
     """Stores the rows whose (source_id, message_id) was not seen before, in one transaction.
 
     Returns the keys stored now; the others are duplicates. The rows must not repeat a key.
-    Keys are inserted in sorted order so that concurrent writers lock them in the same order
-    and cannot deadlock.
+    Dedup keys are inserted in sorted order so that concurrent writers lock them in the same
+    order and cannot deadlock; the events keep the order they came in (a batch's identify
+    before its track), so the log's (xid, seq) order is the clients' order.
     """
-    ordered = sorted(rows, key=lambda r: (r[_SOURCE_ID], r[_MESSAGE_ID]))
+    keys = sorted((r[_SOURCE_ID], r[_MESSAGE_ID], r[_RECEIVED_AT]) for r in rows)
     async with conn.transaction():
         fresh = await conn.fetch(
             """insert into ingest.message_ids (source_id, message_id, received_at)
                select * from unnest($1::text[], $2::text[], $3::timestamptz[])
                on conflict do nothing
                returning source_id, message_id""",
-            [r[_SOURCE_ID] for r in ordered],
-            [r[_MESSAGE_ID] for r in ordered],
-            [r[_RECEIVED_AT] for r in ordered],
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
         )
         stored = {(f["source_id"], f["message_id"]) for f in fresh}
         if stored:
             records = (
-                ordered
-                if len(stored) == len(ordered)
-                else [r for r in ordered if (r[_SOURCE_ID], r[_MESSAGE_ID]) in stored]
+                rows
+                if len(stored) == len(rows)
+                else [r for r in rows if (r[_SOURCE_ID], r[_MESSAGE_ID]) in stored]
             )
             await conn.copy_records_to_table(
                 "events", schema_name="ingest", columns=EVENT_COLUMNS, records=records
