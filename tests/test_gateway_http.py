@@ -817,7 +817,7 @@ async def test_writer_spreads_calls_over_its_connections(ingest: IngestApp, pool
     channels = [open_ingest_channel(ingest.address, own_connection=True) for _ in range(3)]
     writer = IngestWriter([pb_grpc.IngestServiceStub(c) for c in channels])
     try:
-        for i in range(6):
+        for _ in range(6):
             await writer.WriteEvents(pb.WriteEventsRequest(write_key=key))
         assert writer._next == 6
         states = [c.get_state() for c in channels]
