@@ -1,0 +1,374 @@
+"""Normalisation and hashing of customer information for the ad platforms (pure, no I/O).
+
+Meta and Google normalise differently (PRODUCT.md): Meta keeps the dots of a gmail address and
+sends phones as digits, Google removes them and wants E.164 with the plus. The anchors lose most
+of their matches through un-normalised or twice-hashed values, so every rule lives here, once,
+with the golden vectors in the tests.
+
+A value that is already a SHA-256 hex digest (64 hex characters) is taken as hashed: it is
+lower-cased and passed through, never hashed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import phonenumbers
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_NON_DIGITS = re.compile(r"\D+")
+_US_ZIP = re.compile(r"^(\d{5})(?:-?\d{4})?$")
+_PHONE_SEPARATORS = re.compile(r"[\s().\-/]+")
+_INTERNATIONAL = re.compile(r"^\+[1-9]\d{7,14}$")
+
+
+def _known_country_code(digits: str) -> bool:
+    return any(int(digits[:n]) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE for n in (1, 2, 3))
+
+
+# Meta user_data keys that are sent as they are, never hashed.
+META_NEVER_HASHED = frozenset({"client_ip_address", "client_user_agent", "fbc", "fbp", "madid"})
+# Meta user_data keys that are hashed (after their normalisation).
+META_HASHED = ("em", "ph", "fn", "ln", "ge", "db", "ct", "st", "zp", "country", "external_id")
+
+COUNTRIES = frozenset(r.lower() for r in phonenumbers.SUPPORTED_REGIONS) | {
+    "aq",
+    "bv",
+    "gs",
+    "hm",
+    "pn",
+    "tf",
+    "um",
+}
+
+US_STATES = {
+    "alabama": "al", "alaska": "ak", "arizona": "az", "arkansas": "ar", "california": "ca",
+    "colorado": "co", "connecticut": "ct", "delaware": "de", "district of columbia": "dc",
+    "florida": "fl", "georgia": "ga", "hawaii": "hi", "idaho": "id", "illinois": "il",
+    "indiana": "in", "iowa": "ia", "kansas": "ks", "kentucky": "ky", "louisiana": "la",
+    "maine": "me", "maryland": "md", "massachusetts": "ma", "michigan": "mi", "minnesota": "mn",
+    "mississippi": "ms", "missouri": "mo", "montana": "mt", "nebraska": "ne", "nevada": "nv",
+    "new hampshire": "nh", "new jersey": "nj", "new mexico": "nm", "new york": "ny",
+    "north carolina": "nc", "north dakota": "nd", "ohio": "oh", "oklahoma": "ok", "oregon": "or",
+    "pennsylvania": "pa", "rhode island": "ri", "south carolina": "sc", "south dakota": "sd",
+    "tennessee": "tn", "texas": "tx", "utah": "ut", "vermont": "vt", "virginia": "va",
+    "washington": "wa", "west virginia": "wv", "wisconsin": "wi", "wyoming": "wy",
+    "puerto rico": "pr", "guam": "gu",
+}  # fmt: skip
+
+_GMAIL_DOMAINS = frozenset({"gmail.com", "googlemail.com"})
+
+
+class NormalisationError(ValueError):
+    """A value that cannot be normalised: `reason` is a stable code, the message a sentence."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def is_hashed(value: str) -> bool:
+    """True for a SHA-256 hex digest: such a value must never be hashed again."""
+    return bool(_HEX64.match(value.strip()))
+
+
+def sha256_hex(value: str) -> str:
+    """SHA-256 of the UTF-8 bytes, lower-case hex; an already-hashed value is passed through."""
+    stripped = value.strip()
+    if _HEX64.match(stripped):
+        return stripped.lower()
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()
+
+
+_ASCII_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def _letters_only(value: str) -> str:
+    """Lower-case, NFC, without punctuation, symbols or spaces; letters of every script kept."""
+    text = value.strip().lower()
+    if text.isascii():
+        return _ASCII_NOT_ALNUM.sub("", text)
+    text = unicodedata.normalize("NFC", text)
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] in "LMN")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- shared by both platforms ----------------------------------------------------------------
+
+
+def email(value: str) -> str:
+    """Trimmed, lower-cased email (Meta's rule, and the identity service's)."""
+    out = value.strip().lower()
+    if not _EMAIL.match(out):
+        raise NormalisationError("INVALID_EMAIL", "is not an email address (name@domain.tld)")
+    return out
+
+
+def phone_e164(value: str, default_region: str = "US") -> str:
+    """A phone number in E.164 (`+16505551212`).
+
+    Numbers written with `+` or `00` are international; others are read in `default_region`,
+    and when that gives no valid number, as international digits without the plus
+    (`16505551212` stays the US number whatever the default region).
+    """
+    raw = value.strip()
+    if raw.startswith("00"):
+        raw = "+" + raw[2:]
+    compact = _PHONE_SEPARATORS.sub("", raw)
+    if "(0)" not in raw and _INTERNATIONAL.match(compact) and _known_country_code(compact[1:]):
+        # Written with its country code in plain digits: already E.164 (parsing it with
+        # phonenumbers costs ~100 µs and would not change it).
+        return compact
+    attempts = [(raw, None)] if raw.startswith("+") else [(raw, default_region.upper()), ("+" + raw, None)]
+    possible: phonenumbers.PhoneNumber | None = None
+    for text, region in attempts:
+        try:
+            num = phonenumbers.parse(text, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(num):
+            return phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
+        if possible is None and phonenumbers.is_possible_number(num):
+            possible = num
+    if possible is not None:
+        # Not in the numbering plan's metadata (e.g. a new range) but of a possible length.
+        return phonenumbers.format_number(possible, phonenumbers.PhoneNumberFormat.E164)
+    raise NormalisationError("INVALID_PHONE", "is not a phone number (write it with its country code)")
+
+
+def country(value: str) -> str:
+    out = value.strip().lower()
+    if out not in COUNTRIES:
+        raise NormalisationError("INVALID_COUNTRY", "must be an ISO 3166-1 alpha-2 code, e.g. US")
+    return out
+
+
+# --- Meta ------------------------------------------------------------------------------------
+
+
+def meta_phone(value: str, default_region: str = "US") -> str:
+    """Digits only, with the country code (`16505551212`)."""
+    return phone_e164(value, default_region)[1:]
+
+
+def meta_name(value: str) -> str:
+    out = _letters_only(value)
+    if not out:
+        raise NormalisationError("EMPTY_AFTER_NORMALISATION", "has no letters")
+    return out
+
+
+def meta_city(value: str) -> str:
+    out = _letters_only(value)
+    if not out:
+        raise NormalisationError("EMPTY_AFTER_NORMALISATION", "has no letters")
+    return out
+
+
+def meta_state(value: str) -> str:
+    """Two-letter lower-case code; US state names are mapped to their code."""
+    text = " ".join(value.strip().lower().replace(".", "").split())
+    text = US_STATES.get(text, text)
+    if len(text) != 2 or not text.isalpha():
+        raise NormalisationError("INVALID_STATE", "must be a 2-letter state or province code")
+    return text
+
+
+def meta_zip(value: str, country_code: str | None = None) -> str:
+    """Lower-case without spaces or dashes; US zips keep their first 5 digits."""
+    text = value.strip().lower()
+    if country_code in (None, "us"):
+        m = _US_ZIP.match(text.replace(" ", ""))
+        if m:
+            return m.group(1)
+    out = text.replace(" ", "").replace("-", "")
+    if not out or not out.isalnum():
+        raise NormalisationError("INVALID_ZIP", "must be letters and digits only")
+    return out
+
+
+def meta_gender(value: str) -> str:
+    text = value.strip().lower()
+    if text in ("m", "male"):
+        return "m"
+    if text in ("f", "female"):
+        return "f"
+    raise NormalisationError("INVALID_GENDER", "must be m or f")
+
+
+def meta_date_of_birth(value: str | date) -> str:
+    """YYYYMMDD from a date or an ISO date string (YYYY-MM-DD or YYYYMMDD)."""
+    if isinstance(value, date):
+        return value.strftime("%Y%m%d")
+    text = value.strip()
+    for fmt in ("%Y-%m-%d", "%Y%m%d", "%Y/%m/%d"):
+        try:
+            return datetime.strptime(text, fmt).strftime("%Y%m%d")
+        except ValueError:
+            continue
+    raise NormalisationError("INVALID_DATE_OF_BIRTH", "must be a date YYYY-MM-DD")
+
+
+def external_id(value: str) -> str:
+    out = value.strip()
+    if not out:
+        raise NormalisationError("EMPTY", "is empty")
+    return out
+
+
+# --- Google ----------------------------------------------------------------------------------
+
+
+def google_email(value: str) -> str:
+    """Trimmed, lower-cased; for gmail.com and googlemail.com also without dots and +suffix
+    in the local part."""
+    out = email(value)
+    local, _, domain = out.partition("@")
+    if domain in _GMAIL_DOMAINS:
+        local = local.split("+", 1)[0].replace(".", "")
+        if not local:
+            raise NormalisationError("INVALID_EMAIL", "has an empty local part")
+        out = f"{local}@{domain}"
+    return out
+
+
+def google_phone(value: str, default_region: str = "US") -> str:
+    return phone_e164(value, default_region)
+
+
+# --- hashed sets -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """What a buyer gave at the till, as received (all optional)."""
+
+    email: str = ""
+    phone: str = ""
+    first_name: str = ""
+    last_name: str = ""
+    city: str = ""
+    state: str = ""
+    zip: str = ""
+    country: str = ""
+    external_id: str = ""
+    gender: str = ""
+    date_of_birth: str = ""
+
+
+@dataclass(slots=True)
+class Normalised:
+    """A contact normalised for matching and hashed for each platform.
+
+    `email`/`phone` are the plain values the identity service stores (trimmed lower-case email,
+    E.164 phone) and are used for matching only; `meta` is Meta's hashed user_data; `google` holds
+    Google's hashed email and phone. `problems` lists fields that were dropped: (field, reason,
+    description).
+    """
+
+    email: str | None
+    phone: str | None
+    external_id: str | None
+    meta: dict[str, str]
+    google: dict[str, str]
+    problems: list[tuple[str, str, str]]
+
+
+def normalise_contact(c: Contact, default_region: str = "US") -> Normalised:
+    """Normalises and hashes every field of a contact; a bad field is dropped and reported."""
+    problems: list[tuple[str, str, str]] = []
+    meta: dict[str, str] = {}
+    google: dict[str, str] = {}
+    plain_email = plain_phone = ext = None
+
+    def attempt(field: str, fn: Callable[[str], str], value: str) -> str | None:
+        try:
+            return fn(value)
+        except NormalisationError as err:
+            problems.append((field, err.reason, f"{field} {err}"))
+            return None
+
+    if c.email.strip():
+        if is_hashed(c.email):
+            meta["em"] = c.email.strip().lower()
+        else:
+            plain_email = attempt("email", email, c.email)
+            if plain_email is not None:
+                meta["em"] = _sha(plain_email)
+                google["hashed_email"] = _sha(google_email(plain_email))
+    if c.phone.strip():
+        if is_hashed(c.phone):
+            meta["ph"] = c.phone.strip().lower()
+        else:
+            plain_phone = attempt("phone", lambda v: phone_e164(v, default_region), c.phone)
+            if plain_phone is not None:
+                meta["ph"] = _sha(plain_phone[1:])
+                google["hashed_phone_number"] = _sha(plain_phone)
+    cc = None
+    if c.country.strip():
+        if is_hashed(c.country):
+            meta["country"] = c.country.strip().lower()
+        else:
+            cc = attempt("country", country, c.country)
+            if cc is not None:
+                meta["country"] = _sha(cc)
+    per_field: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+        ("first_name", "fn", meta_name),
+        ("last_name", "ln", meta_name),
+        ("city", "ct", meta_city),
+        ("state", "st", meta_state),
+        ("zip", "zp", lambda v: meta_zip(v, cc)),
+        ("gender", "ge", meta_gender),
+        ("date_of_birth", "db", meta_date_of_birth),
+    )
+    for field, key, fn in per_field:
+        raw: str = getattr(c, field)
+        if not raw.strip():
+            continue
+        if is_hashed(raw):
+            meta[key] = raw.strip().lower()
+            continue
+        value = attempt(field, fn, raw)
+        if value is not None:
+            meta[key] = _sha(value)
+    if c.external_id.strip():
+        ext = c.external_id.strip()
+        meta["external_id"] = sha256_hex(ext)
+    return Normalised(plain_email, plain_phone, ext, meta, google, problems)
+
+
+def hash_meta_user_data(fields: dict[str, str], default_region: str = "US") -> dict[str, str]:
+    """Meta user_data from plain values keyed by Meta's names: each hashed key normalised by its
+    rule and hashed once; the never-hashed keys (ip, user agent, fbc, fbp, madid) kept as sent."""
+    out: dict[str, str] = {}
+    cc = fields.get("country", "").strip().lower() or None
+    rules: dict[str, Callable[[str], str]] = {
+        "em": email,
+        "ph": lambda v: meta_phone(v, default_region),
+        "fn": meta_name,
+        "ln": meta_name,
+        "ct": meta_city,
+        "st": meta_state,
+        "zp": lambda v: meta_zip(v, cc),
+        "country": country,
+        "ge": meta_gender,
+        "db": meta_date_of_birth,
+        "external_id": external_id,
+    }
+    for key, value in fields.items():
+        if key in META_NEVER_HASHED:
+            out[key] = value
+        elif key in rules:
+            out[key] = value.strip().lower() if is_hashed(value) else sha256_hex(rules[key](value))
+        else:
+            raise NormalisationError("UNKNOWN_FIELD", f"{key} is not a Meta user_data field")
+    return out

@@ -1,0 +1,549 @@
+"""Every SQL statement of the export service."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import orjson
+
+from services.export.domain import EXPORTED_CLICK_KINDS, Click, Prepared
+from touchpoint.platform.eventlog import LogEvent
+
+NOTIFY_CHANNEL = "touchpoint_export_outbox"
+IDENTITY_VIEW = "identity.profile_identifiers"
+
+# --- destinations ------------------------------------------------------------------------------
+
+_DEST_COLUMNS = """id, display_name, kind, base_url, settings, credential_env, credentials_encrypted,
+    credential_keys, event_names, enabled, requests_per_second, max_batch_size, created_at, updated_at"""
+
+
+async def create_destination(pool: asyncpg.Pool, row: dict[str, Any]) -> tuple[asyncpg.Record, bool]:
+    """Inserts a destination; (row, created). An existing id answers the stored row, not created."""
+    async with pool.acquire() as conn, conn.transaction():
+        inserted = await conn.fetchrow(
+            f"""insert into export.destinations (id, display_name, kind, base_url, settings, credential_env,
+                   credentials_encrypted, credential_keys, event_names, enabled, requests_per_second,
+                   max_batch_size)
+               values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+               on conflict (id) do nothing
+               returning {_DEST_COLUMNS}""",
+            row["id"],
+            row["display_name"],
+            row["kind"],
+            row["base_url"],
+            row["settings"],
+            row["credential_env"],
+            row["credentials_encrypted"],
+            row["credential_keys"],
+            row["event_names"],
+            row["enabled"],
+            row["requests_per_second"],
+            row["max_batch_size"],
+        )
+        if inserted is not None:
+            return inserted, True
+        existing = await conn.fetchrow(
+            f"select {_DEST_COLUMNS} from export.destinations where id = $1", row["id"]
+        )
+        assert existing is not None
+        return existing, False
+
+
+async def get_destination(pool: asyncpg.Pool, dest_id: str) -> asyncpg.Record | None:
+    return await pool.fetchrow(f"select {_DEST_COLUMNS} from export.destinations where id = $1", dest_id)
+
+
+async def list_destinations(pool: asyncpg.Pool, after: str = "", limit: int = 1000) -> list[asyncpg.Record]:
+    """In creation order (then id), after the (created_at, id) cursor `after` ("" = from the start)."""
+    if after:
+        ts, _, dest_id = after.partition("|")
+        return await pool.fetch(
+            f"""select {_DEST_COLUMNS} from export.destinations
+                where (created_at, id) > ($1::timestamptz, $2) order by created_at, id limit $3""",
+            datetime.fromisoformat(ts),
+            dest_id,
+            limit,
+        )
+    return await pool.fetch(
+        f"select {_DEST_COLUMNS} from export.destinations order by created_at, id limit $1", limit
+    )
+
+
+async def update_destination(
+    pool: asyncpg.Pool, dest_id: str, changes: dict[str, Any]
+) -> asyncpg.Record | None:
+    allowed = {
+        "display_name", "base_url", "settings", "credential_env", "credentials_encrypted", "credential_keys",
+        "event_names", "enabled", "requests_per_second", "max_batch_size",
+    }  # fmt: skip
+    cols = [c for c in changes if c in allowed]
+    if not cols:
+        return await get_destination(pool, dest_id)
+    sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(cols))
+    return await pool.fetchrow(
+        f"update export.destinations set {sets}, updated_at = now() where id = $1 returning {_DEST_COLUMNS}",
+        dest_id,
+        *[changes[c] for c in cols],
+    )
+
+
+# --- intake --------------------------------------------------------------------------------------
+
+
+async def existing_orders(
+    conn: asyncpg.Connection, space_id: str, source: str, order_ids: Sequence[str]
+) -> dict[str, int]:
+    rows = await conn.fetch(
+        """select order_id, id from export.conversions
+           where space_id = $1 and source = $2 and order_id = any($3::text[])""",
+        space_id,
+        source,
+        list(order_ids),
+    )
+    return {r["order_id"]: r["id"] for r in rows}
+
+
+@dataclass(slots=True)
+class MatchResult:
+    profile_id: str | None
+    status: str
+    reason: str
+    google: Click | None = None
+    meta_fbc: str | None = None
+    campaign: dict[str, Any] | None = None
+
+
+async def insert_conversions(
+    conn: asyncpg.Connection,
+    space_id: str,
+    source: str,
+    rows: Sequence[Prepared],
+    matches: Sequence[MatchResult],
+    received_at: datetime,
+) -> dict[str, int]:
+    """Stores conversions whose order id is new; returns order id -> id of those stored now."""
+    if not rows:
+        return {}
+    # One jsonb parameter unpacked by Postgres (jsonb_to_recordset) costs far less per row than
+    # two dozen typed arrays encoded by the driver.
+    payload = orjson.dumps(
+        [
+            {
+                "order_id": r.order_id,
+                "event_name": r.event_name,
+                "event_time": r.event_time.isoformat(),
+                "time_zone": r.time_zone,
+                "value": r.value,
+                "currency": r.currency,
+                "store_id": r.store_id,
+                "meta_user_data": r.meta_user_data,
+                "google_user": r.google_user,
+                "gclid": r.gclid,
+                "gbraid": r.gbraid,
+                "wbraid": r.wbraid,
+                "fbclid": r.fbclid,
+                "profile_id": m.profile_id,
+                "match_status": m.status,
+                "match_reason": m.reason,
+                "click_kind": m.google.kind if m.google else None,
+                "click_value": m.google.value if m.google else None,
+                "click_time": m.google.first_seen.isoformat() if m.google else None,
+                "fbc": m.meta_fbc,
+                "campaign": m.campaign,
+            }
+            for r, m in zip(rows, matches, strict=True)
+        ]
+    )
+    stored = await conn.fetch(
+        """insert into export.conversions (space_id, source, order_id, event_name, event_time, time_zone,
+               value, currency, store_id, meta_user_data, google_user, gclid, gbraid, wbraid, fbclid,
+               profile_id, match_status, match_reason, click_kind, click_value, click_time, fbc, campaign,
+               received_at)
+           select $1, $2, t.*, $4 from jsonb_to_recordset($3::jsonb) as t(
+               order_id text, event_name text, event_time timestamptz, time_zone text, value numeric,
+               currency text, store_id text, meta_user_data jsonb, google_user jsonb, gclid text, gbraid text,
+               wbraid text, fbclid text, profile_id text, match_status text, match_reason text,
+               click_kind text, click_value text, click_time timestamptz, fbc text, campaign jsonb)
+           on conflict (space_id, source, order_id) do nothing
+           returning order_id, id""",
+        space_id,
+        source,
+        payload,
+        received_at,
+    )
+    return {r["order_id"]: r["id"] for r in stored}
+
+
+async def enqueue(conn: asyncpg.Connection, ids: Sequence[int], event_names: Sequence[str]) -> int:
+    """Queues each new conversion for every enabled destination that takes its event name."""
+    if not ids:
+        return 0
+    result = await conn.execute(
+        """insert into export.outbox (conversion_id, destination_id)
+           select c.id, d.id
+           from unnest($1::bigint[], $2::text[]) as c(id, event_name)
+           join export.destinations d
+             on d.enabled and (cardinality(d.event_names) = 0 or c.event_name = any(d.event_names))
+           order by c.id, d.id
+           on conflict do nothing""",
+        list(ids),
+        list(event_names),
+    )
+    count = int(result.split()[-1])
+    if count:
+        await conn.execute(f"notify {NOTIFY_CHANNEL}")
+    return count
+
+
+# --- matching ------------------------------------------------------------------------------------
+
+
+async def relation_exists(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> bool:
+    return bool(await conn.fetchval("select to_regclass($1) is not null", name))
+
+
+async def resolve_profiles(
+    conn: asyncpg.Connection,
+    space_id: str,
+    keys: Sequence[tuple[str | None, str | None, str | None]],
+) -> dict[int, tuple[str, str]]:
+    """Index -> (profile id, identifier kind that matched) through identity's published view,
+    trying user_id (the external id), then email, then phone."""
+    idx = list(range(len(keys)))
+    rows = await conn.fetch(
+        f"""with input as (
+                select * from unnest($2::int[], $3::text[], $4::text[], $5::text[]) as t(i, ext, email, phone)
+            ), cand as (
+                select i.i, p.profile_id, 'user_id' as kind, 1 as priority
+                  from input i join {IDENTITY_VIEW} p
+                    on p.space_id = $1 and p.kind = 'user_id' and p.value = i.ext
+                union all
+                select i.i, p.profile_id, 'email', 2
+                  from input i join {IDENTITY_VIEW} p
+                    on p.space_id = $1 and p.kind = 'email' and p.value = i.email
+                union all
+                select i.i, p.profile_id, 'phone', 3
+                  from input i join {IDENTITY_VIEW} p
+                    on p.space_id = $1 and p.kind = 'phone' and p.value = i.phone
+            )
+            select distinct on (i) i, profile_id, kind from cand order by i, priority, profile_id""",
+        space_id,
+        idx,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+    )
+    return {r["i"]: (r["profile_id"], r["kind"]) for r in rows}
+
+
+async def profile_holders(
+    conn: asyncpg.Connection, space_id: str, profile_ids: Sequence[str]
+) -> dict[str, list[tuple[str, str]]]:
+    """The user_ids and anonymous_ids of each profile: whose clicks count as the profile's."""
+    rows = await conn.fetch(
+        f"""select profile_id, kind, value from {IDENTITY_VIEW}
+            where space_id = $1 and profile_id = any($2::text[]) and kind in ('user_id', 'anonymous_id')""",
+        space_id,
+        list(set(profile_ids)),
+    )
+    out: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        out.setdefault(r["profile_id"], []).append((r["kind"], r["value"]))
+    return out
+
+
+async def clicks_of(
+    conn: asyncpg.Connection,
+    space_id: str,
+    holders: Sequence[tuple[int, str, str]],
+    since: Sequence[datetime],
+    until: Sequence[datetime],
+) -> dict[int, list[Click]]:
+    """Clicks first seen in [since, until] of each (index, holder kind, holder)."""
+    if not holders:
+        return {}
+    rows = await conn.fetch(
+        """select h.i, c.kind, c.value, c.first_seen, c.campaign
+           from unnest($2::int[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[])
+                as h(i, hk, hv, since, until)
+           join export.clicks c
+             on c.space_id = $1 and c.holder_kind = h.hk and c.holder = h.hv
+            and c.first_seen >= h.since and c.first_seen <= h.until""",
+        space_id,
+        [h[0] for h in holders],
+        [h[1] for h in holders],
+        [h[2] for h in holders],
+        list(since),
+        list(until),
+    )
+    out: dict[int, list[Click]] = {}
+    for r in rows:
+        out.setdefault(r["i"], []).append(Click(r["kind"], r["value"], r["first_seen"], r["campaign"]))
+    return out
+
+
+async def apply_click_events(conn: asyncpg.Connection, events: list[LogEvent]) -> None:
+    """Event-log consumer step: keeps each exportable click id per holder, first seen time kept."""
+    rows: dict[tuple[str, str, str, str, str], tuple[datetime, Any]] = {}
+    for e in events:
+        if not e.click_ids:
+            continue
+        for c in e.click_ids:
+            kind, value = c.get("kind"), c.get("value")
+            if kind not in EXPORTED_CLICK_KINDS or not value:
+                continue
+            for holder_kind, holder in (("user_id", e.user_id), ("anonymous_id", e.anonymous_id)):
+                if not holder:
+                    continue
+                key = (e.space_id, holder_kind, holder, kind, value)
+                if key not in rows or e.timestamp < rows[key][0]:
+                    rows[key] = (e.timestamp, e.campaign or None)
+    if not rows:
+        return
+    keys = sorted(rows)
+    await conn.execute(
+        """insert into export.clicks (space_id, holder_kind, holder, kind, value, first_seen, campaign)
+           select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                $6::timestamptz[], $7::jsonb[])
+           on conflict (space_id, holder_kind, holder, kind, value) do update
+             set first_seen = excluded.first_seen, campaign = excluded.campaign
+             where excluded.first_seen < export.clicks.first_seen""",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+        [k[3] for k in keys],
+        [k[4] for k in keys],
+        [rows[k][0] for k in keys],
+        [rows[k][1] for k in keys],
+    )
+
+
+# --- delivery ------------------------------------------------------------------------------------
+
+_CLAIM_COLUMNS = """o.id as outbox_id, o.attempts, o.retry_base, c.id as conversion_id, c.order_id,
+    c.event_name, c.event_time, c.time_zone, c.value::float8 as value, c.currency, c.store_id,
+    c.meta_user_data, c.google_user, c.gclid, c.gbraid, c.wbraid, c.fbclid, c.click_kind, c.click_value,
+    c.click_time, c.fbc, c.received_at"""
+
+
+async def claim(
+    pool: asyncpg.Pool, destination_id: str, limit: int, lease_seconds: float, token: int
+) -> list[asyncpg.Record]:
+    """Leases up to `limit` due deliveries of a destination to this worker.
+
+    The claim is its own short transaction (FOR UPDATE SKIP LOCKED: replicas never take the same
+    rows); the rows stay 'sending' until the lease ends, and sending happens outside any
+    transaction, so no transaction stays open across an HTTP call (an open one would hold back
+    the event-log horizon of every consumer in the cluster).
+    """
+    return await pool.fetch(
+        f"""with due as (
+                select id from export.outbox
+                where destination_id = $1 and state = 'pending' and next_attempt_at <= now()
+                order by next_attempt_at, id
+                limit $2
+                for update skip locked
+            )
+            update export.outbox o
+               set state = 'sending', attempts = o.attempts + 1, lease_token = $4,
+                   lease_until = now() + make_interval(secs => $3)
+              from due, export.conversions c
+             where o.id = due.id and c.id = o.conversion_id
+            returning {_CLAIM_COLUMNS}""",
+        destination_id,
+        limit,
+        lease_seconds,
+        token,
+    )
+
+
+@dataclass(slots=True)
+class RowUpdate:
+    outbox_id: int
+    attempt: int
+    # delivered | pending (retry) | dead | skipped
+    state: str
+    outcome: str
+    reason: str
+    detail: str
+    delay_seconds: float = 0.0
+
+
+async def complete(
+    pool: asyncpg.Pool,
+    destination_id: str,
+    token: int,
+    updates: Sequence[RowUpdate],
+    *,
+    http_status: int,
+    http_requests: int,
+    duration_ms: float,
+    response: str,
+) -> list[int]:
+    """Records the results of a claimed batch in one transaction; returns the ids this worker
+    still held (a row whose lease ran out and was taken by another worker is left to it)."""
+    async with pool.acquire() as conn, conn.transaction():
+        request_id = None
+        if http_requests:
+            request_id = await conn.fetchval(
+                """insert into export.requests (destination_id, http_status, row_count, http_requests,
+                       duration_ms, response)
+                   values ($1, $2, $3, $4, $5, $6) returning id""",
+                destination_id,
+                http_status,
+                len(updates),
+                http_requests,
+                duration_ms,
+                response,
+            )
+        rows = orjson.dumps(
+            [
+                {
+                    "id": u.outbox_id,
+                    "state": u.state,
+                    "reason": u.reason,
+                    "detail": u.detail,
+                    "delay": u.delay_seconds,
+                }
+                for u in updates
+            ]
+        )
+        held = await conn.fetch(
+            """update export.outbox o
+                  set state = u.state, reason = u.reason, detail = u.detail,
+                      lease_token = null, lease_until = null,
+                      next_attempt_at = case when u.state = 'pending'
+                          then now() + make_interval(secs => u.delay) else o.next_attempt_at end,
+                      delivered_at = case when u.state = 'delivered' then now() else o.delivered_at end,
+                      dead_at = case when u.state = 'dead' then now() else o.dead_at end
+                 from jsonb_to_recordset($1::jsonb) as u(id bigint, state text, reason text, detail text,
+                                                          delay float8)
+                where o.id = u.id and o.lease_token = $2 and o.state = 'sending'
+               returning o.id""",
+            rows,
+            token,
+        )
+        held_ids = {r["id"] for r in held}
+        mine = [u for u in updates if u.outbox_id in held_ids]
+        if mine:
+            await conn.execute(
+                """insert into export.attempts (outbox_id, attempt, request_id, outcome, reason, detail)
+                   select u.id, u.attempt, $1, u.outcome, u.reason, u.detail
+                   from jsonb_to_recordset($2::jsonb) as u(id bigint, attempt int, outcome text, reason text,
+                                                           detail text)""",
+                request_id,
+                orjson.dumps(
+                    [
+                        {
+                            "id": u.outbox_id,
+                            "attempt": u.attempt,
+                            "outcome": u.outcome,
+                            "reason": u.reason,
+                            "detail": u.detail,
+                        }
+                        for u in mine
+                    ]
+                ),
+            )
+    return sorted(held_ids)
+
+
+async def release_expired_leases(pool: asyncpg.Pool) -> int:
+    """Deliveries whose worker died mid-batch go back to pending (sent again: the platforms
+    deduplicate by event_id / order id)."""
+    result = await pool.execute(
+        """update export.outbox set state = 'pending', lease_token = null, lease_until = null,
+                  next_attempt_at = now(), reason = 'LEASE_EXPIRED'
+           where state = 'sending' and lease_until < now()"""
+    )
+    return int(result.split()[-1])
+
+
+async def outbox_depth(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Per destination: deliveries not yet done (pending or sending) and the age of the oldest."""
+    return await pool.fetch(
+        """select destination_id, count(*) as depth,
+                  coalesce(extract(epoch from now() - min(created_at)), 0)::float8 as oldest_age
+           from export.outbox where state in ('pending', 'sending') group by destination_id"""
+    )
+
+
+# --- status, dead letters ------------------------------------------------------------------------
+
+
+async def conversions_by_ids(pool: asyncpg.Pool, ids: Sequence[int]) -> list[asyncpg.Record]:
+    return await pool.fetch("select * from export.conversions where id = any($1::bigint[])", list(ids))
+
+
+async def conversions_by_orders(
+    pool: asyncpg.Pool, space_id: str, source: str, order_ids: Sequence[str]
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """select * from export.conversions
+           where space_id = $1 and source = $2 and order_id = any($3::text[])""",
+        space_id,
+        source,
+        list(order_ids),
+    )
+
+
+async def deliveries_of(pool: asyncpg.Pool, conversion_ids: Sequence[int]) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """select id, conversion_id, destination_id, state, attempts, reason, detail, delivered_at,
+                  next_attempt_at
+           from export.outbox where conversion_id = any($1::bigint[])
+           order by conversion_id, destination_id""",
+        list(conversion_ids),
+    )
+
+
+async def attempts_of(
+    pool: asyncpg.Pool, outbox_ids: Sequence[int], per_delivery: int = 50
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """select * from (
+               select a.outbox_id, a.attempt, a.at, a.outcome, a.reason, a.detail,
+                      coalesce(r.http_status, 0) as http_status, coalesce(r.response, '') as response,
+                      row_number() over (partition by a.outbox_id order by a.attempt desc) as rn
+               from export.attempts a left join export.requests r on r.id = a.request_id
+               where a.outbox_id = any($1::bigint[])) t
+           where rn <= $2 order by outbox_id, attempt""",
+        list(outbox_ids),
+        per_delivery,
+    )
+
+
+async def dead_letters(
+    pool: asyncpg.Pool, destination_id: str | None, after_id: int, limit: int
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """select o.id, o.conversion_id, c.order_id, o.destination_id, o.reason, o.detail, o.attempts,
+                  o.dead_at
+           from export.outbox o join export.conversions c on c.id = o.conversion_id
+           where o.state = 'dead' and o.id > $2 and ($1::text is null or o.destination_id = $1)
+           order by o.id limit $3""",
+        destination_id,
+        after_id,
+        limit,
+    )
+
+
+async def replay_dead(pool: asyncpg.Pool, ids: Sequence[int] | None, destination_id: str | None) -> int:
+    """Dead letters back to pending, due now, with a fresh retry budget (attempts keep counting,
+    so the history of every attempt stays)."""
+    result = await pool.execute(
+        """update export.outbox set state = 'pending', next_attempt_at = now(), retry_base = attempts,
+                  reason = 'REPLAYED', detail = '', dead_at = null
+           where state = 'dead' and ($1::bigint[] is null or id = any($1::bigint[]))
+             and ($2::text is null or destination_id = $2)""",
+        None if ids is None else list(ids),
+        destination_id,
+    )
+    if int(result.split()[-1]):
+        await pool.execute(f"notify {NOTIFY_CHANNEL}")
+    return int(result.split()[-1])
