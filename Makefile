@@ -25,6 +25,9 @@ venv: $(STAMP) ## create .venv with the pinned dependencies
 run: $(STAMP) ## start Postgres (embedded unless TOUCHPOINT_DATABASE_URL is set) and every service
 	$(PY) -m touchpoint.platform.launcher
 
+migrate: $(STAMP) ## apply every service's migrations to TOUCHPOINT_DATABASE_URL
+	$(PY) -m touchpoint.platform.migrate_all
+
 proto: $(STAMP) ## regenerate libs/protos from protos/
 	PYTHON=$(PY) scripts/genproto.sh
 
@@ -44,7 +47,14 @@ fmt: $(STAMP) ## format and fix what ruff can
 typecheck: $(STAMP) ## mypy
 	$(VENV)/bin/mypy libs/platform services tests bench
 
-test: $(STAMP) proto-check lint typecheck ## install what is needed and run every check
+tools: ## system tools the tests use: promtool (Debian's prometheus package); kubectl comes with the machine image
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@command -v kubectl >/dev/null || { echo "kubectl is missing (it ships with the machine image's google-cloud-cli)"; exit 1; }
+
+test: $(STAMP) tools proto-check lint typecheck ## install what is needed and run every check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## run the benchmarks (figures go to bench/RESULTS.md by hand)
@@ -58,4 +68,4 @@ lock: ## rewrite requirements.lock from pyproject.toml in a scratch venv
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache
 
-.PHONY: help venv run proto proto-check lint fmt typecheck test bench lock clean
+.PHONY: help venv run proto proto-check lint fmt typecheck tools test bench migrate lock clean

@@ -33,8 +33,23 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from prometheus_client import Counter, Gauge
 
 log = logging.getLogger(__name__)
+
+LAG_EVENTS = Gauge(
+    "touchpoint_eventlog_consumer_lag_events",
+    "Events of the log a consumer has not applied yet (capped at 100k).",
+    ["consumer"],
+    multiprocess_mode="max",
+)
+LAG_SECONDS = Gauge(
+    "touchpoint_eventlog_consumer_lag_seconds",
+    "Age of the oldest event a consumer has not applied yet.",
+    ["consumer"],
+    multiprocess_mode="max",
+)
+APPLIED = Counter("touchpoint_eventlog_consumer_applied_total", "Events applied, by consumer.", ["consumer"])
 
 NOTIFY_CHANNEL = "touchpoint_event_log"
 
@@ -113,6 +128,7 @@ class LogConsumer:
         apply: ApplyFn,
         batch_size: int = 1000,
         idle_wait: float = 0.25,
+        lag_interval: float = 5.0,
     ) -> None:
         self.pool = pool
         self.schema = schema
@@ -120,6 +136,7 @@ class LogConsumer:
         self.apply = apply
         self.batch_size = batch_size
         self.idle_wait = idle_wait
+        self.lag_interval = lag_interval
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.applied_total = 0
@@ -180,6 +197,7 @@ class LogConsumer:
                 last.seq,
             )
         self.applied_total += len(events)
+        APPLIED.labels(self.name).inc(len(events))
         return len(events)
 
     async def catch_up(self) -> int:
@@ -201,7 +219,10 @@ class LogConsumer:
             cap,
         )
         assert row is not None
-        return int(row["n"]), float(row["age"] or 0.0)
+        events, seconds = int(row["n"]), float(row["age"] or 0.0)
+        LAG_EVENTS.labels(self.name).set(events)
+        LAG_SECONDS.labels(self.name).set(seconds)
+        return events, seconds
 
     async def run(self) -> None:
         """Applies the log until stop(); wakes on NOTIFY from ingest, else polls."""
@@ -210,8 +231,13 @@ class LogConsumer:
         def on_notify(*_: Any) -> None:
             self._wake.set()
 
+        next_lag = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
+                if loop.time() >= next_lag:
+                    next_lag = loop.time() + self.lag_interval
+                    await self.lag()  # exported as metrics
                 if listener is None or listener.is_closed():
                     listener = await self.pool.acquire()
                     await listener.add_listener(NOTIFY_CHANNEL, on_notify)
