@@ -145,3 +145,16 @@ async def test_run_wakes_on_notify_and_reports_lag(log_pool: asyncpg.Pool) -> No
         await store.write_rows(conn, [row(src, "n2")])
     lagging, age = await consumer.lag()
     assert lagging == 1 and age >= 0.0  # n2 arrived after the consumer stopped
+
+
+async def test_reading_a_batch_is_an_ordered_index_read_not_a_sort(log_pool: asyncpg.Pool) -> None:
+    """Catching up must cost the same per batch whatever the log's size (no sort of the rest)."""
+    from touchpoint.platform.eventlog import READ_BATCH
+
+    src = "src_" + secrets.token_hex(4)
+    async with log_pool.acquire() as conn:
+        await store.write_rows(conn, [row(src, f"plan{i}") for i in range(3000)])
+    await log_pool.execute("analyze ingest.events")
+    plan = "\n".join(r[0] for r in await log_pool.fetch("explain " + READ_BATCH, "0", 0, 1000))
+    assert "Index Scan" in plan, plan
+    assert "Sort  (" not in plan and "Sort Key" not in plan.split("Merge Append")[0], plan

@@ -60,6 +60,16 @@ _COLUMNS = """xid::text::bigint as xid, seq, space_id, source_id, message_id, ty
     context, campaign, click_ids"""
 
 
+# The next batch after a position, below the horizon. Qualified names matter: the output column
+# "xid" is a bigint alias, and ordering by it would sort the whole remaining log on every batch
+# instead of reading the (xid, seq) index in order.
+READ_BATCH = f"""select {_COLUMNS} from ingest.event_log e
+    where (e.xid, e.seq) > ($1::text::xid8, $2)
+      and e.xid < pg_snapshot_xmin(pg_current_snapshot())
+    order by e.xid, e.seq
+    limit $3"""
+
+
 @dataclass(frozen=True, slots=True)
 class LogEvent:
     """One event of the log, as consumers see it. JSON objects are already parsed."""
@@ -175,11 +185,7 @@ class LogConsumer:
             if pos is None:
                 raise RuntimeError(f"consumer {self.name} has no position row; call ensure() first")
             rows = await conn.fetch(
-                f"""select {_COLUMNS} from ingest.event_log
-                    where (xid, seq) > ($1::text::xid8, $2)
-                      and xid < pg_snapshot_xmin(pg_current_snapshot())
-                    order by xid, seq
-                    limit $3""",
+                READ_BATCH,
                 str(pos["xid"]),
                 pos["seq"],
                 self.batch_size,
