@@ -1,0 +1,317 @@
+"""bench/identity: stitching rate against a plain union-find, and ResolveProfile latency.
+
+    python -m bench.identity [--events N] [--late F] [--batch-size B] [--concurrency C] [--resolves R]
+
+N events (default 1,000,000) of N/5 people go into ingest.events by COPY (this is a bench:
+it skips the ingest API). Each person has 5 identifiers (a user id, an email, three browsers'
+anonymous ids) and 5 events: two anonymous page views, an identify (user id + first browser +
+email), two tracks (user id + the other browsers); so N identifiers stitch into N/5 profiles.
+People interleave in time, and a fraction F of the events (default 1 %) carries a timestamp 10
+minutes earlier than its place in the log: late events that make their component recompute.
+
+(a) a plain in-memory union-find over the same links (each event's identifiers), the baseline;
+(b) the identity consumer applying the log to Postgres (in this process, uvloop, as the service
+    runs it): events applied per second, and the ratio b/a;
+(c) ResolveProfile p50/p99 from C concurrent callers against the identity service started as
+    its own process (`python -m services.identity`), R calls on random identifiers.
+Targets: (b) >= 20,000 events/s; (c) p99 <= 5 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import secrets
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import orjson
+from prometheus_client import REGISTRY
+
+from bench.common import (
+    bench_postgres,
+    cpu_seconds,
+    free_port,
+    percentile,
+    postmaster_pid,
+    start_service,
+    stop,
+    wait_grpc,
+)
+from services.identity.app import MIGRATIONS as IDENTITY_MIGRATIONS
+from services.identity.app import IdentitySettings
+from services.identity.domain import Extractor
+from services.identity.stitcher import Stitcher
+from services.ingest.app import MIGRATIONS as INGEST_MIGRATIONS
+from services.ingest.store import EVENT_COLUMNS, create_source, ensure_partitions
+from touchpoint.events.v1 import event_pb2
+from touchpoint.identity.v1 import identity_service_pb2 as pb
+from touchpoint.ingest.v1 import ingest_service_pb2_grpc
+from touchpoint.platform.db import create_pool, migrate
+from touchpoint.platform.testing import create_database
+
+SPACE = "bench"
+PER_PERSON = 5
+STEP = timedelta(seconds=60)  # between one person's events
+CHUNK = 2_000  # rows per COPY transaction, as ingest commits them
+
+
+def stream(n: int, late: float, seed: int) -> Iterator[tuple[int, int, datetime, bool]]:
+    """(person, step, event time, late) in log order: people start one after another and their
+    five events, a minute apart, interleave with the others'."""
+    people = max(1, n // PER_PERSON)
+    base = datetime.now(UTC) - timedelta(days=2)
+    spacing = timedelta(days=1) / people
+    order = sorted((i * spacing + k * STEP, i, k) for i in range(people) for k in range(PER_PERSON))
+    rng = random.Random(seed)
+    for offset, i, k in order[:n]:
+        is_late = rng.random() < late
+        t = base + offset - (timedelta(minutes=10) if is_late else timedelta(0))
+        yield i, k, t, is_late
+
+
+def identifiers(i: int, k: int) -> tuple[str | None, str, dict[str, str] | None]:
+    """(user id, anonymous id, traits) of person i's k-th event."""
+    if k < 2:
+        return None, f"a{i}-{k}", None
+    if k == 2:
+        return f"u{i}", f"a{i}-0", {"email": f"p{i}@bench.example", "plan": "free"}
+    return f"u{i}", f"a{i}-{k - 2}", None
+
+
+def rows(n: int, late: float, seed: int, source_id: str) -> Iterator[tuple[object, ...]]:
+    received = datetime.now(UTC)
+    ctx = orjson.dumps({"library": {"name": "analytics.js"}, "userAgent": "Mozilla/5.0"})
+    for i, k, t, _ in stream(n, late, seed):
+        user, anon, traits = identifiers(i, k)
+        kind = "identify" if k == 2 else ("page" if k < 2 else "track")
+        yield (
+            SPACE, source_id, f"m{i}-{k}", kind, user, anon, None, None,
+            "Viewed" if kind == "track" else None, "Home" if kind == "page" else None,
+            t, t, None, received, None, orjson.dumps(traits) if traits else None, ctx, None, None, None,
+        )  # fmt: skip
+
+
+def union_find(n: int, late: float, seed: int) -> float:
+    """Events per second of a dict union-find with path halving over the same links."""
+    links = []
+    for i, k, _, _ in stream(n, late, seed):
+        user, anon, traits = identifiers(i, k)
+        ids = [f"anonymous_id:{anon}"]
+        if user:
+            ids.append(f"user_id:{user}")
+        if traits:
+            ids.append(f"email:{traits['email']}")
+        links.append(ids)
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        p = parent.setdefault(x, x)
+        while p != x:
+            gp = parent[p]
+            parent[x] = gp
+            x, p = p, gp
+        return x
+
+    start = time.perf_counter()
+    for ids in links:
+        a = find(ids[0])
+        for y in ids[1:]:
+            b = find(y)
+            if a != b:
+                parent[b] = a
+    elapsed = time.perf_counter() - start
+    roots = {find(x) for x in parent}
+    assert len(roots) == max(1, n // PER_PERSON) or n % PER_PERSON, len(roots)
+    return n / elapsed
+
+
+async def resolve_load(address: str, people: int, total: int, concurrency: int) -> tuple[float, list[float]]:
+    rng = random.Random(7)
+    kinds = [("user_id", "u{}"), ("anonymous_id", "a{}-1"), ("email", "p{}@bench.example")]
+    bodies = []
+    for _ in range(total):
+        kind, fmt = rng.choice(kinds)
+        req = pb.ResolveProfileRequest(
+            space_id=SPACE,
+            identifier=event_pb2.Identifier(kind=kind, value=fmt.format(rng.randrange(people))),
+        )
+        bodies.append(req.SerializeToString())
+    channels = [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)
+    ]
+    calls = [
+        ch.unary_unary(
+            "/touchpoint.identity.v1.IdentityService/ResolveProfile",
+            request_serializer=None,
+            response_deserializer=pb.ResolveProfileResponse.FromString,
+        )
+        for ch in channels
+    ]
+    latencies: list[float] = []
+    queue = list(reversed(bodies))
+
+    async def worker(k: int) -> None:
+        call = calls[k % len(calls)]
+        while queue:
+            body = queue.pop()
+            t0 = time.perf_counter()
+            await call(body)
+            latencies.append(time.perf_counter() - t0)
+
+    try:
+        # Warm the channels and the server's pool first.
+        await asyncio.gather(*(calls[k % len(calls)](bodies[k]) for k in range(min(total, 50))))
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        elapsed = time.perf_counter() - t
+    finally:
+        for ch in channels:
+            await ch.close()
+    return total / elapsed, latencies
+
+
+def server_side(metrics_port: int) -> str:
+    """Share of ResolveProfile calls the server handled within each histogram bucket."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    buckets: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "touchpoint_identity_rpc_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket") and sample.labels.get("method") == "ResolveProfile":
+                    buckets[sample.labels["le"]] = sample.value
+    total = buckets.get("+Inf", 0.0)
+    if not total:
+        return "no samples"
+    return ", ".join(
+        f"{buckets[le] / total:.1%} <= {float(le) * 1000:g} ms"
+        for le in ("0.001", "0.0025", "0.005")
+        if le in buckets
+    )
+
+
+async def main(args: argparse.Namespace) -> None:
+    n = args.events
+    people = max(1, n // PER_PERSON)
+    server_url, handle = bench_postgres()
+    url = await create_database(server_url, "tp_bench")
+    procs = []
+    try:
+        pool = await create_pool(url, max_size=4)
+        await migrate(pool, "ingest", INGEST_MIGRATIONS)
+        await ensure_partitions(pool)
+        source = await create_source(
+            pool, write_key="bench_" + secrets.token_hex(6), name="bench", space_id=SPACE
+        )
+        t = time.perf_counter()
+        batch: list[tuple[object, ...]] = []
+        async with pool.acquire() as conn:
+            for row in rows(n, args.late, args.seed, source):
+                batch.append(row)
+                if len(batch) == CHUNK:
+                    await conn.copy_records_to_table(
+                        "events", schema_name="ingest", columns=EVENT_COLUMNS, records=batch
+                    )
+                    batch = []
+            if batch:
+                await conn.copy_records_to_table(
+                    "events", schema_name="ingest", columns=EVENT_COLUMNS, records=batch
+                )
+            await conn.execute("analyze ingest.events")
+        print(
+            f"loaded {n:,} events of {people:,} people into ingest.events in {time.perf_counter() - t:.1f} s"
+        )
+
+        a = union_find(n, args.late, args.seed)
+        print(f"(a) in-memory union-find     {a:12,.0f} events/s")
+
+        settings = IdentitySettings(batch_size=args.batch_size)
+        await migrate(pool, "identity", IDENTITY_MIGRATIONS)
+        channel = grpc.aio.insecure_channel("127.0.0.1:9")  # DeleteProfile only; not called here
+        stitcher = Stitcher(
+            pool,
+            extractor=Extractor(settings.default_region, settings.trait_keys),
+            rules=settings.rules(),
+            ingest=ingest_service_pb2_grpc.IngestServiceStub(channel),
+            batch_size=settings.batch_size,
+        )
+        await stitcher.consumer.ensure()
+        pids = [pm] if (pm := postmaster_pid(handle)) else []
+        before = cpu_seconds(pids)
+        cpu = time.process_time()
+        t = time.perf_counter()
+        applied = await stitcher.consumer.catch_up()
+        elapsed = time.perf_counter() - t
+        used = {"identity consumer (python)": time.process_time() - cpu}
+        used.update({k: v - before.get(k, 0.0) for k, v in cpu_seconds(pids).items()})
+        await channel.close()
+        b = applied / elapsed
+        profiles = await pool.fetchval(
+            "select count(distinct profile_id) from identity.identifiers where space_id = $1", SPACE
+        )
+        idents = await pool.fetchval("select count(*) from identity.identifiers where space_id = $1", SPACE)
+        recomputed = REGISTRY.get_sample_value("touchpoint_identity_recomputed_components_total") or 0
+        print(
+            f"(b) identity consumer        {b:12,.0f} events/s   ({applied:,} events in {elapsed:.1f} s, "
+            f"batch {args.batch_size}; {idents:,} identifiers -> {profiles:,} profiles; "
+            f"{recomputed:,.0f} components recomputed)"
+        )
+        print(
+            "    CPU µs per event: "
+            + ", ".join(f"{k} {v / max(1, applied) * 1e6:.1f}" for k, v in used.items())
+        )
+        print(f"    b/a = {b / a:.3f}   (target: b >= 20,000 events/s)")
+        assert applied == n and profiles == people, (applied, profiles)
+
+        port, metrics_port = free_port(), free_port()
+        procs.append(
+            start_service(
+                "identity",
+                {
+                    "TOUCHPOINT_DATABASE_URL": url,
+                    "TOUCHPOINT_IDENTITY_LISTEN": f"127.0.0.1:{port}",
+                    "TOUCHPOINT_IDENTITY_METRICS_PORT": str(metrics_port),
+                    # An API replica: the log is applied already, and the profile metrics'
+                    # table scan would land in the middle of the measurement.
+                    "TOUCHPOINT_IDENTITY_CONSUME": "false",
+                    "TOUCHPOINT_IDENTITY_PROFILE_STATS_SECONDS": "3600",
+                },
+            )
+        )
+        wait_grpc(f"127.0.0.1:{port}")
+        rate, lat = await resolve_load(f"127.0.0.1:{port}", people, args.resolves, args.concurrency)
+        p50, p99 = percentile(lat, 50) * 1000, percentile(lat, 99) * 1000
+        print(
+            f"(c) ResolveProfile           {rate:12,.0f} calls/s    p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
+            f"({args.resolves:,} calls, {args.concurrency} concurrent, measured by the caller; "
+            f"target p99 <= 5 ms)"
+        )
+        print("    server side (touchpoint_identity_rpc_duration_seconds): " + server_side(metrics_port))
+        await pool.close()
+    finally:
+        stop(procs)
+        if handle is not None:
+            handle.cleanup()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000, help="events (and identifiers) to stitch")
+    parser.add_argument("--late", type=float, default=0.01, help="fraction of events that arrive late")
+    parser.add_argument("--batch-size", type=int, default=2000, help="events per consumer transaction")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent ResolveProfile callers")
+    parser.add_argument("--resolves", type=int, default=20_000, help="ResolveProfile calls")
+    parser.add_argument("--seed", type=int, default=1)
+    import uvloop
+
+    uvloop.run(main(parser.parse_args()))

@@ -1,0 +1,26 @@
+"""Composition root of the identity service: settings -> pool -> app -> serve until SIGTERM."""
+
+from __future__ import annotations
+
+from services.identity.app import IdentitySettings, start_identity
+from touchpoint.platform.db import create_pool
+from touchpoint.platform.logs import setup_logging
+from touchpoint.platform.server import run, wait_for_shutdown_signal
+from touchpoint.platform.settings import CommonSettings
+
+
+async def main() -> None:
+    common = CommonSettings.from_env()
+    settings = IdentitySettings.from_env()
+    setup_logging("identity", common.log_level)
+    pool = await create_pool(common.database_url, max_size=common.db_pool_size)
+    try:
+        app = await start_identity(pool, settings)
+        await wait_for_shutdown_signal()
+        await app.stop(common.shutdown_grace_seconds)
+    finally:
+        await pool.close()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,894 @@
+"""Pure identity stitching: the identifiers of an event, the rules of a space, and the
+partition of identifiers into profiles. No I/O here: `apply()` and `settle()` say what to load
+through a `GraphLoader` (the store, or the tests' memory store), `Graph` changes the slice it
+holds, and the store writes the changes back.
+
+The model
+---------
+* An identifier is (kind, value) within a space. It is *born* at the first event (in event-time
+  order: timestamp, then message id, then source id) that carries it, as a profile of its own.
+* A *link* is the set of identifiers of one event. Identical sets link identically, so a link
+  is stored once per distinct set, with the key of its earliest event.
+* Links are applied in key order by the greedy rule: the profiles of the link's identifiers are
+  merged unless the result breaks a limit per kind; then the link's lowest-priority identifier
+  is dropped and the merge retried. Identifiers left out stay where they are (a refusal is
+  logged); one left out but born by this very event still joins when the limits allow (it brings
+  no other profile with it). A profile is named after its oldest identifier (`profile_id`), so
+  names are stable across merges and recomputation and do not depend on arrival order.
+* A *component* is a connected set of identifiers (through links, refused ones included): the
+  unit of recomputation. When an event arrives whose key is later than everything its component
+  has seen, applying it is the greedy step itself (the fast path). When it is earlier (a late
+  event), the component is recomputed from its links, sorted by key. Either way the partition is
+  the one the greedy rule gives over all events in key order: it depends on the set of events,
+  not on the order they arrived in.
+* Splits are durable: a *detached* (isolated) identifier never links again; a *cut* link never
+  links again. Both are applied by recomputing the component.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import orjson
+import phonenumbers
+
+# Junk values (empty, "0", "null", "undefined", "[object Object]", ...): the ingest service
+# already refuses them as userId/anonymousId; identity refuses them as any identifier.
+from services.ingest.domain import JUNK_IDS
+
+Ident = tuple[str, str]
+# When an event happened, as the total order the rules are applied in.
+Key = tuple[datetime, str, str]  # (timestamp, message_id, source_id)
+
+DEFAULT_LIMIT = 5
+DEFAULT_LIMITS: Mapping[str, int] = {"user_id": 1}
+# Kinds ranked first, in this order, then custom kinds (alphabetically), then LOW_PRIORITY.
+DEFAULT_PRIORITY = ("user_id", "email", "phone")
+# Kinds shared by several people most often (a family browser, a shop's tablet): dropped first.
+LOW_PRIORITY = ("anonymous_id", "advertising_id", "device_id", "push_token")
+DEVICE_KINDS = frozenset(LOW_PRIORITY)
+# context.device fields that are identifiers, and their kinds.
+DEVICE_FIELDS = (("id", "device_id"), ("advertisingId", "advertising_id"), ("token", "push_token"))
+KIND_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+MAX_VALUE_CHARS = 512
+PROFILE_ID_RE = re.compile(r"^p[0-9a-f]{20}$")
+_EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+$")
+
+MERGED = "merged"
+REFUSED = "refused"
+LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+
+
+class Rules:
+    """A space's stitching rules: a limit per kind, a priority order, blocked values."""
+
+    __slots__ = ("_blocked", "_rank", "blocked_pattern", "default_limit", "limits", "priority")
+
+    def __init__(
+        self,
+        limits: Mapping[str, int] | None = None,
+        default_limit: int = DEFAULT_LIMIT,
+        priority: Sequence[str] = DEFAULT_PRIORITY,
+        blocked_pattern: str = "",
+    ) -> None:
+        limits = dict(DEFAULT_LIMITS if limits is None else limits)
+        for kind, n in [*limits.items(), ("*", default_limit)]:
+            if n < 1:
+                raise ValueError(f"the limit of {kind} must be at least 1, got {n}")
+        self.limits = limits
+        self.default_limit = default_limit
+        self.priority = tuple(priority)
+        self.blocked_pattern = blocked_pattern
+        self._blocked = re.compile(blocked_pattern) if blocked_pattern else None
+        self._rank: dict[str, tuple[int, int, str]] = {}
+
+    def limit(self, kind: str) -> int:
+        return self.limits.get(kind, self.default_limit)
+
+    def rank(self, kind: str) -> tuple[int, int, str]:
+        """Smaller is higher priority: the listed kinds, custom kinds, then LOW_PRIORITY."""
+        r = self._rank.get(kind)
+        if r is None:
+            if kind in self.priority:
+                r = (0, self.priority.index(kind), "")
+            elif kind in LOW_PRIORITY:
+                r = (2, LOW_PRIORITY.index(kind), "")
+            else:
+                r = (1, 0, kind)
+            self._rank[kind] = r
+        return r
+
+    def order(self, ident: Ident) -> tuple[tuple[int, int, str], str]:
+        return self.rank(ident[0]), ident[1]
+
+    @property
+    def pattern(self) -> re.Pattern[str] | None:
+        return self._blocked
+
+    def is_blocked(self, value: str) -> bool:
+        """Junk ids (is_junk_id's list, compared the same way) and the space's pattern."""
+        return value.strip().lower() in JUNK_IDS or (
+            self._blocked is not None and self._blocked.search(value) is not None
+        )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None, base: Rules) -> Rules:
+        """A space's overrides (identity.space_rules) over the service's defaults."""
+        if not config:
+            return base
+        limits = dict(base.limits)
+        limits.update({str(k): int(v) for k, v in (config.get("limits") or {}).items()})
+        return cls(
+            limits,
+            int(config.get("default_limit") or base.default_limit),
+            tuple(config.get("priority") or base.priority),
+            str(config.get("blocked_pattern") or base.blocked_pattern),
+        )
+
+
+def parse_limits(text: str) -> dict[str, int]:
+    """'user_id=1,email=5' as a dict (settings)."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        kind, eq, n = part.partition("=")
+        if not eq or not KIND_RE.match(kind.strip()) or not n.strip().isdigit():
+            raise ValueError(f"a limit is kind=N, got {part!r}")
+        out[kind.strip()] = int(n)
+    return out
+
+
+def profile_id(space_id: str, ident: Ident) -> str:
+    """The id of the profile founded by `ident` (its oldest identifier)."""
+    raw = f"{space_id}\x1f{ident[0]}\x1f{ident[1]}".encode()
+    return "p" + hashlib.blake2b(raw, digest_size=10).hexdigest()
+
+
+def ident_digest(space_id: str, ident: Ident) -> bytes:
+    """A one-way digest of an identifier (deleted identifiers are remembered only this way)."""
+    return hashlib.blake2b(f"{space_id}\x1f{ident[0]}\x1f{ident[1]}".encode(), digest_size=16).digest()
+
+
+def set_key(idents: Sequence[Ident]) -> bytes:
+    """The key of a link: a digest of its identifier set (given in priority order)."""
+    return hashlib.blake2b("\x1e".join(f"{k}\x1f{v}" for k, v in idents).encode(), digest_size=16).digest()
+
+
+def encode_ident(ident: Ident) -> str:
+    return f"{ident[0]}:{ident[1]}"
+
+
+def decode_ident(text: str) -> Ident:
+    kind, _, value = text.partition(":")
+    return kind, value
+
+
+# ---------------------------------------------------------------------------------------------
+# Identifiers of an event
+
+
+def normalise(kind: str, value: Any, region: str) -> str | None:
+    """The identifier's canonical value, or None when it cannot be one."""
+    if type(value) is not str:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None
+        value = str(value)
+    text = value.strip()
+    # Control characters are no part of a real id (and the store uses \x1e as a separator).
+    if not text or len(text) > MAX_VALUE_CHARS or not text.isprintable():
+        return None
+    if kind == "email":
+        text = text.lower()
+        return text if _EMAIL_RE.match(text) else None
+    if kind == "phone":
+        try:
+            number = phonenumbers.parse(text, region or None)
+        except phonenumbers.NumberParseException:
+            return None
+        if not phonenumbers.is_valid_number(number):
+            return None
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return text
+
+
+def normalise_kind(kind: Any) -> str | None:
+    if not isinstance(kind, str):
+        return None
+    k = kind.strip().lower()
+    return k if KIND_RE.match(k) else None
+
+
+@dataclass(slots=True)
+class Observed:
+    """What identity takes from one event."""
+
+    space_id: str
+    key: Key
+    # Usable identifiers, in priority order (the first one is the event's anchor: its events
+    # are listed under the profile of that identifier).
+    idents: tuple[Ident, ...]
+    # Values that would have been identifiers but are junk or match the blocked pattern.
+    blocked: tuple[Ident, ...] = ()
+    # Traits set by the event (traits, then context.traits for keys traits lacks).
+    traits: dict[str, Any] = field(default_factory=dict)
+    # What the event says about its device or browser (context.device, os, userAgent).
+    device: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def time(self) -> datetime:
+        return self.key[0]
+
+    @property
+    def message_id(self) -> str:
+        return self.key[1]
+
+    @property
+    def source_id(self) -> str:
+        return self.key[2]
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """Reads identifiers from events: the built-in kinds, context.externalIds, and the
+    configured trait keys (each becomes a kind of its own)."""
+
+    default_region: str = "US"
+    trait_keys: tuple[str, ...] = ()
+
+    def identifiers(
+        self,
+        rules: Rules,
+        *,
+        user_id: str | None,
+        anonymous_id: str | None,
+        previous_id: str | None,
+        traits: Mapping[str, Any] | None,
+        context: Mapping[str, Any] | None,
+    ) -> tuple[list[Ident], list[Ident]]:
+        """(usable identifiers in priority order, blocked ones)."""
+        region = self.default_region
+        is_blocked = rules.is_blocked
+        usable: dict[Ident, None] = {}
+        bad: dict[Ident, None] = {}
+
+        def take(kind: str, value: Any) -> None:
+            norm = normalise(kind, value, region)
+            if norm is None:
+                if isinstance(value, str) and value.strip():
+                    bad[(kind, value.strip())] = None
+            elif is_blocked(norm):
+                bad[(kind, norm)] = None
+            else:
+                usable[(kind, norm)] = None
+
+        if user_id:
+            take("user_id", user_id)
+        if anonymous_id:
+            take("anonymous_id", anonymous_id)
+        if previous_id:
+            # alias: the previous id is taken as the anonymousId the user had before (the
+            # common case). A previous *userId* cannot merge anyway: one user_id per profile.
+            take("anonymous_id", previous_id)
+        ctx = context or {}
+        ctx_traits = ctx.get("traits")
+        for t in (traits, ctx_traits if isinstance(ctx_traits, dict) else None):
+            if not t:
+                continue
+            if "email" in t:
+                take("email", t["email"])
+            if "phone" in t:
+                take("phone", t["phone"])
+            for key in self.trait_keys:
+                if key in t:
+                    take(key, t[key])
+        device = ctx.get("device")
+        if isinstance(device, dict):
+            for key, kind in DEVICE_FIELDS:
+                if key in device:
+                    take(kind, device[key])
+        external = ctx.get("externalIds")
+        if isinstance(external, list):
+            for item in external:
+                if isinstance(item, dict):
+                    ext = normalise_kind(item.get("type"))
+                    if ext is not None:
+                        take(ext, item.get("id"))
+        out = list(usable) if len(usable) < 2 else sorted(usable, key=rules.order)
+        if not bad:
+            return out, []
+        return out, sorted((x for x in bad if x not in usable), key=rules.order)
+
+    def observe(self, ev: Any, rules: Rules) -> Observed | None:
+        """The identity-relevant part of a LogEvent; None when it carries no usable identifier."""
+        ctx = ev.context if isinstance(ev.context, dict) else {}
+        traits = ev.traits if isinstance(ev.traits, dict) else {}
+        usable, blocked = self.identifiers(
+            rules,
+            user_id=ev.user_id,
+            anonymous_id=ev.anonymous_id,
+            previous_id=ev.previous_id,
+            traits=traits,
+            context=ctx,
+        )
+        if not usable:
+            return None
+        ctx_traits = ctx.get("traits")
+        merged_traits = {**ctx_traits, **traits} if isinstance(ctx_traits, dict) and ctx_traits else traits
+        has_device = "device" in ctx or "os" in ctx or "userAgent" in ctx
+        return Observed(
+            ev.space_id,
+            (ev.timestamp, ev.message_id, ev.source_id),
+            tuple(usable),
+            tuple(blocked),
+            merged_traits,
+            device_attrs(ctx) if has_device else {},
+        )
+
+
+def device_attrs(ctx: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    device = ctx.get("device")
+    if isinstance(device, dict):
+        for key in ("type", "manufacturer", "model"):
+            v = device.get(key)
+            if isinstance(v, str) and v:
+                out[key] = v[:200]
+    os_ = ctx.get("os")
+    if isinstance(os_, dict):
+        for key, name in (("name", "os_name"), ("version", "os_version")):
+            v = os_.get(key)
+            if isinstance(v, str) and v:
+                out[name] = v[:200]
+    ua = ctx.get("userAgent")
+    if isinstance(ua, str) and ua:
+        out["user_agent"] = ua[:500]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Decisions of the merge log
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One entry of the merge log, as the rules made it. Equal decisions are the same entry:
+    a recomputation keeps those it makes again and supersedes the others."""
+
+    action: str  # MERGED or REFUSED
+    reason: str
+    limit_kind: str
+    profile: str
+    others: tuple[str, ...]
+    idents: tuple[Ident, ...]
+    key: Key
+
+
+# ---------------------------------------------------------------------------------------------
+# The partition and the greedy rule
+
+
+class Partition:
+    """Identifiers -> profiles, with the births that name profiles and settle merges."""
+
+    __slots__ = ("birth", "members", "moved", "prof", "rules", "space_id")
+
+    def __init__(self, space_id: str, rules: Rules) -> None:
+        self.space_id = space_id
+        self.rules = rules
+        self.prof: dict[Ident, str] = {}
+        self.birth: dict[Ident, Key] = {}
+        self.members: dict[str, set[Ident]] = {}
+        # Identifiers that changed profile (the store writes them).
+        self.moved: set[Ident] = set()
+
+    def add(self, x: Ident, pid: str, birth: Key) -> None:
+        """A loaded identifier (no change)."""
+        self.prof[x] = pid
+        self.birth[x] = birth
+        self.members.setdefault(pid, set()).add(x)
+
+    def singleton(self, x: Ident, birth: Key) -> str:
+        pid = profile_id(self.space_id, x)
+        self.prof[x] = pid
+        self.birth[x] = birth
+        self.members[pid] = {x}
+        return pid
+
+    def _move(self, x: Ident, to: str) -> None:
+        old = self.prof[x]
+        ms = self.members[old]
+        ms.discard(x)
+        if not ms:
+            del self.members[old]
+        self.prof[x] = to
+        self.members.setdefault(to, set()).add(x)
+        self.moved.add(x)
+
+    def step(self, link: Sequence[Ident], key: Key) -> list[Decision]:
+        """Applies one link (identifiers in priority order, all born) by the greedy rule."""
+        prof = self.prof
+        pids = {prof[x] for x in link}
+        if len(pids) == 1:
+            return []  # already one profile: nothing to merge
+        rules = self.rules
+        limits, default = rules.limits, rules.default_limit
+        members = self.members
+        kept = list(link)
+        dropped: list[Ident] = []
+        limit_kind = ""
+        while True:
+            counts: dict[str, int] = {}
+            for p in pids:
+                for m in members[p]:
+                    counts[m[0]] = counts.get(m[0], 0) + 1
+            bad = [k for k, n in counts.items() if n > limits.get(k, default)]
+            if not bad:
+                break
+            if not limit_kind:
+                limit_kind = min(bad, key=rules.rank)
+            # A single identifier's own profile keeps the limits, so `kept` never empties.
+            dropped.append(kept.pop())
+            pids = {prof[x] for x in kept}
+        dropped.reverse()
+        decisions: list[Decision] = []
+        if len(pids) > 1:
+            birth, rank = self.birth, rules.rank
+            # A profile is named after its oldest identifier: the one with the oldest wins.
+            founded = {p: min((birth[m], rank(m[0]), m[1]) for m in members[p]) for p in pids}
+            target = min(pids, key=founded.__getitem__)
+            into = members[target]
+            moved = self.moved
+            for p in pids:
+                if p != target:
+                    for m in members.pop(p):
+                        prof[m] = target
+                        into.add(m)
+                        moved.add(m)
+            if founded[target][0] < key:
+                existing = sorted(p for p in pids if p != target and founded[p][0] < key)
+                if existing:
+                    decisions.append(Decision(MERGED, "", "", target, tuple(existing), tuple(kept), key))
+        else:
+            target = next(iter(pids))
+        if dropped:
+            counts = {}
+            for m in members[target]:
+                counts[m[0]] = counts.get(m[0], 0) + 1
+            for x in dropped:
+                # Born by this very event and still alone: it brings no other profile along,
+                # so it joins unless its own kind is full.
+                alone = self.birth[x] == key and len(members[prof[x]]) == 1
+                if alone and counts.get(x[0], 0) < limits.get(x[0], default):
+                    self._move(x, target)
+                    counts[x[0]] = counts.get(x[0], 0) + 1
+            refused = tuple(x for x in dropped if prof[x] != target)
+            if refused:
+                others = tuple(sorted({prof[x] for x in refused}))
+                decisions.append(Decision(REFUSED, LIMIT_EXCEEDED, limit_kind, target, others, refused, key))
+        return decisions
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph slice the consumer works on
+
+
+@dataclass(slots=True)
+class LinkState:
+    idents: tuple[Ident, ...]
+    first: Key
+    cut: bool = False
+    component: int | None = None
+
+
+@dataclass(slots=True)
+class ComponentState:
+    max_key: Key | None
+    size: int
+
+
+def random_component_id() -> int:
+    # Random ids need no round trip; a collision fails the batch's insert, which is retried
+    # with fresh ids.
+    return secrets.randbits(62) + 1
+
+
+class Graph:
+    """The part of one space's identity graph that a batch (or a split) touches, with the
+    changes made to it. The store fills it with `load_*` and writes back what changed."""
+
+    def __init__(
+        self, space_id: str, rules: Rules, new_component_id: Callable[[], int] = random_component_id
+    ) -> None:
+        self.space_id = space_id
+        self.rules = rules
+        self.part = Partition(space_id, rules)
+        self.comp: dict[Ident, int | None] = {}
+        self.isolated: set[Ident] = set()
+        self.links: dict[bytes, LinkState] = {}
+        self.components: dict[int, ComponentState] = {}
+        self.alias: dict[int, int] = {}
+        self.dirty: set[int] = set()
+        self.new_component_id = new_component_id
+        # Changes.
+        self.changed_idents: set[Ident] = set()
+        self.changed_links: set[bytes] = set()
+        self.changed_components: set[int] = set()
+        self.new_components: set[int] = set()
+        self.removed_components: set[int] = set()
+        self.decisions: list[Decision] = []
+        # Merge log entries (by their decision) recorded before; id of each.
+        self.recorded: dict[Decision, int] = {}
+        self.superseded: list[int] = []
+        # Keys a link had before an earlier event of the same set arrived.
+        self.replaced_keys: set[Key] = set()
+        # Identifiers and links deleted (DeleteProfile).
+        self.removed_idents: set[Ident] = set()
+        self.removed_links: set[bytes] = set()
+        # Components recomputed (a metric).
+        self.recomputed = 0
+
+    # -- loading --------------------------------------------------------------------------
+    def load_ident(self, x: Ident, pid: str, component: int | None, birth: Key, isolated: bool) -> None:
+        if x in self.part.prof or x in self.removed_idents:
+            return
+        self.part.add(x, pid, birth)
+        self.comp[x] = component
+        if isolated:
+            self.isolated.add(x)
+
+    def load_component(self, cid: int, max_key: Key | None, size: int) -> None:
+        if cid not in self.components and cid not in self.alias and cid not in self.removed_components:
+            self.components[cid] = ComponentState(max_key, size)
+
+    def load_link(
+        self, sk: bytes, idents: tuple[Ident, ...], first: Key, cut: bool, component: int | None
+    ) -> None:
+        if sk not in self.links and sk not in self.removed_links:
+            self.links[sk] = LinkState(idents, first, cut, component)
+
+    # -- helpers --------------------------------------------------------------------------
+    def find(self, cid: int) -> int:
+        alias = self.alias
+        while cid in alias:
+            cid = alias[cid]
+        return cid
+
+    def root_of(self, x: Ident) -> int | None:
+        c = self.comp.get(x)
+        return None if c is None else self.find(c)
+
+    def _in(self, link: LinkState, root: int) -> bool:
+        return link.component is not None and self.find(link.component) == root
+
+    def effective(self, link: LinkState) -> tuple[Ident, ...]:
+        """The identifiers a link still links (none when cut; detached and blocked ones left out)."""
+        if link.cut:
+            return ()
+        iso = self.isolated
+        pattern = self.rules.pattern
+        if not iso and pattern is None:
+            return link.idents  # junk never made it into a link
+        return tuple(
+            x for x in link.idents if x not in iso and (pattern is None or pattern.search(x[1]) is None)
+        )
+
+    def origins(self, root: int) -> list[int]:
+        """Every known component id that now belongs to `root` (what the store loads)."""
+        return [c for c in [*self.components, *self.alias] if self.find(c) == root]
+
+    def _union(self, roots: set[int], alone: Sequence[Ident]) -> int:
+        if roots:
+            survivor = max(roots, key=lambda r: (self.components[r].size, -r))
+        else:
+            survivor = self.new_component_id()
+            self.components[survivor] = ComponentState(None, 0)
+            self.new_components.add(survivor)
+        s = self.components[survivor]
+        for r in roots:
+            if r == survivor:
+                continue
+            c = self.components.pop(r)
+            self.alias[r] = survivor
+            self.removed_components.add(r)
+            s.size += c.size
+            if c.max_key is not None and (s.max_key is None or c.max_key > s.max_key):
+                s.max_key = c.max_key
+            if r in self.dirty:
+                self.dirty.discard(r)
+                self.dirty.add(survivor)
+        for x in alone:
+            self.comp[x] = survivor
+            self.changed_idents.add(x)
+            s.size += 1
+        self.changed_components.add(survivor)
+        return survivor
+
+    # -- applying events ------------------------------------------------------------------
+    def observe(self, idents: Sequence[Ident], key: Key, sk: bytes | None = None) -> None:
+        """Applies one event's identifiers (in priority order). Late events mark their
+        component dirty; `settle()` recomputes dirty components after a batch."""
+        part = self.part
+        births = part.birth
+        for x in idents:
+            b = births.get(x)
+            if b is None:
+                part.singleton(x, key)
+                self.comp[x] = None
+                self.changed_idents.add(x)
+            elif key < b:
+                births[x] = key
+                self.changed_idents.add(x)
+                root = self.root_of(x)
+                if root is not None:
+                    self.dirty.add(root)
+        if len(idents) < 2:
+            return
+        sk = sk or set_key(idents)
+        link = self.links.get(sk)
+        if link is not None:
+            if link.first <= key:
+                return  # the same set linked before: nothing changes
+            self.replaced_keys.add(link.first)
+            link.first = key
+            self.changed_links.add(sk)
+            if link.component is not None:
+                self.dirty.add(self.find(link.component))
+            return
+        link = LinkState(tuple(idents), key)
+        self.links[sk] = link
+        self.changed_links.add(sk)
+        eff = self.effective(link)
+        if len(eff) < 2:
+            return
+        comp, find = self.comp, self.find
+        roots = {find(c) for x in eff if (c := comp[x]) is not None}
+        late = any(r in self.dirty or (m := self.components[r].max_key) is None or key < m for r in roots)
+        root = self._union(roots, [x for x in eff if comp[x] is None])
+        link.component = root
+        if late:
+            self.dirty.add(root)
+            return
+        self.components[root].max_key = key
+        self.decisions.extend(part.step(eff, key))
+
+    # -- recomputation --------------------------------------------------------------------
+    def recompute(self, root: int) -> None:
+        """Recomputes one component from its links in key order, splits it where it fell
+        apart, and diffs the merge log against what was recorded. Every identifier and link
+        of the component must be loaded."""
+        self.dirty.discard(root)
+        self.recomputed += 1
+        idents = [x for x, c in self.comp.items() if c is not None and self.find(c) == root]
+        links = [
+            (sk, ln)
+            for sk, ln in self.links.items()
+            if ln.component is not None and self.find(ln.component) == root
+        ]
+        links.sort(key=lambda item: item[1].first)
+        part = self.part
+        local = Partition(self.space_id, self.rules)
+        for x in idents:
+            local.singleton(x, part.birth[x])
+        decisions: list[Decision] = []
+        # Union-find over the links that still link, to see whether the component fell apart.
+        parent: dict[Ident, Ident] = {x: x for x in idents}
+
+        def find(x: Ident) -> Ident:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        group_links: list[tuple[bytes, Ident | None]] = []
+        for sk, ln in links:
+            eff = self.effective(ln)
+            if len(eff) < 2:
+                group_links.append((sk, None))
+                continue
+            decisions.extend(local.step(eff, ln.first))
+            a = find(eff[0])
+            for y in eff[1:]:
+                b = find(y)
+                if a != b:
+                    parent[b] = a
+            group_links.append((sk, eff[0]))
+
+        # Adopt the new partition.
+        for x in idents:
+            old = part.prof[x]
+            ms = part.members.get(old)
+            if ms is not None:
+                ms.discard(x)
+                if not ms:
+                    del part.members[old]
+        for x in idents:
+            new = local.prof[x]
+            if part.prof[x] != new:
+                self.changed_idents.add(x)
+            part.prof[x] = new
+            part.members.setdefault(new, set()).add(x)
+
+        # Components: the largest group keeps the id, lone identifiers have none.
+        groups: dict[Ident, list[Ident]] = {}
+        for x in idents:
+            groups.setdefault(find(x), []).append(x)
+        ordered = sorted(groups.values(), key=lambda g: (-len(g), min(g)))
+        gid: dict[Ident, int | None] = {}
+        self.components.pop(root, None)
+        for i, g in enumerate(ordered):
+            cid: int | None
+            if len(g) == 1:
+                cid = None
+            else:
+                if i == 0:
+                    cid = root
+                else:
+                    cid = self.new_component_id()
+                    self.new_components.add(cid)
+                self.components[cid] = ComponentState(None, len(g))
+                self.changed_components.add(cid)
+            for x in g:
+                gid[find(x)] = cid
+                if self.comp[x] != cid:
+                    self.comp[x] = cid
+                    self.changed_idents.add(x)
+        if root not in self.components:
+            self.removed_components.add(root)
+        for sk, anchor in group_links:
+            ln = self.links[sk]
+            cid = None if anchor is None else gid[find(anchor)]
+            if ln.component != cid:
+                ln.component = cid
+                self.changed_links.add(sk)
+            if cid is not None:
+                c = self.components[cid]
+                if c.max_key is None or ln.first > c.max_key:
+                    c.max_key = ln.first
+
+        # Merge log: keep what is decided again, supersede the rest, record what is new.
+        keys = {ln.first for _, ln in links} | self.replaced_keys
+        self.decisions = [d for d in self.decisions if d.key not in keys]
+        recorded = {d: i for d, i in self.recorded.items() if d.key in keys}
+        fresh = set(decisions)
+        self.superseded.extend(i for d, i in recorded.items() if d not in fresh)
+        for d in recorded:
+            del self.recorded[d]
+        seen: set[Decision] = set()
+        for d in decisions:
+            if d not in recorded and d not in seen:
+                self.decisions.append(d)
+                seen.add(d)
+
+    def detach(self, x: Ident) -> int | None:
+        """Makes `x` link nothing from now on; returns its component (to recompute)."""
+        self.isolated.add(x)
+        self.changed_idents.add(x)
+        return self.root_of(x)
+
+    def cut(self, sk: bytes) -> int | None:
+        """Makes a link link nothing from now on; returns its component (to recompute)."""
+        ln = self.links[sk]
+        ln.cut = True
+        self.changed_links.add(sk)
+        return None if ln.component is None else self.find(ln.component)
+
+    def forget(self, gone: set[Ident]) -> None:
+        """Deletes identifiers (a deleted profile's) from the graph and from every link, and
+        marks what they touched for recomputation. The links that contain them, and the links
+        of the remaining sets, must be loaded."""
+        part = self.part
+        for x in gone:
+            root = self.root_of(x)
+            if root is not None:
+                self.dirty.add(root)
+            pid = part.prof.pop(x)
+            del part.birth[x]
+            ms = part.members[pid]
+            ms.discard(x)
+            if not ms:
+                del part.members[pid]
+            self.comp.pop(x, None)
+            self.isolated.discard(x)
+            self.changed_idents.discard(x)
+            self.removed_idents.add(x)
+        for sk, ln in list(self.links.items()):
+            if not any(x in gone for x in ln.idents):
+                continue
+            del self.links[sk]
+            self.changed_links.discard(sk)
+            self.removed_links.add(sk)
+            if ln.component is not None:
+                self.dirty.add(self.find(ln.component))
+            rest = tuple(x for x in ln.idents if x not in gone)
+            if len(rest) < 2:
+                continue
+            nk = set_key(rest)
+            other = self.links.get(nk)
+            if other is None:
+                self.links[nk] = LinkState(rest, ln.first, ln.cut, ln.component)
+                self.removed_links.discard(nk)
+                self.changed_links.add(nk)
+            elif ln.first < other.first:
+                self.replaced_keys.add(other.first)
+                other.first = ln.first
+                self.changed_links.add(nk)
+
+    def changed_identifiers(self) -> set[Ident]:
+        """Every identifier whose row must be written (new, moved, re-born, relabelled...)."""
+        return (self.changed_idents | self.part.moved) - self.removed_idents
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving a graph: what to load, in which order (the store and the tests' memory store load)
+
+
+class GraphLoader(Protocol):
+    """Fills a Graph from storage. Each method adds what is not in the graph yet and leaves
+    what is (the graph's own state is newer)."""
+
+    async def load_idents(self, graph: Graph, idents: Sequence[Ident]) -> None:
+        """The identifiers, every member of their profiles, and their components' rows."""
+
+    async def load_links(self, graph: Graph, keys: Sequence[bytes]) -> None:
+        """The links with these set keys."""
+
+    async def load_components(self, graph: Graph, cids: Sequence[int]) -> None:
+        """Every identifier and link of these components."""
+
+    async def load_decisions(self, graph: Graph, keys: Sequence[Key]) -> None:
+        """The merge log's current (not superseded) decisions caused by these keys."""
+
+
+async def apply(graph: Graph, loader: GraphLoader, observed: Sequence[Observed]) -> None:
+    """Applies a batch of events of one space in key order, then recomputes what went late."""
+    await loader.load_idents(graph, sorted({x for o in observed for x in o.idents}))
+    sks = [set_key(o.idents) if len(o.idents) > 1 else b"" for o in observed]
+    await loader.load_links(graph, sorted({k for k in sks if k}))
+    for i in sorted(range(len(observed)), key=lambda i: observed[i].key):
+        graph.observe(observed[i].idents, observed[i].key, sks[i] or None)
+    await settle(graph, loader)
+
+
+async def settle(graph: Graph, loader: GraphLoader) -> None:
+    """Recomputes every dirty component, loading it first."""
+    while graph.dirty:
+        roots = set(graph.dirty)
+        await loader.load_components(graph, sorted(c for r in roots for c in graph.origins(r)))
+        mine = [
+            ln
+            for ln in graph.links.values()
+            if ln.component is not None and graph.find(ln.component) in roots
+        ]
+        missing = {x for ln in mine for x in ln.idents if x not in graph.part.prof}
+        if missing:
+            await loader.load_idents(graph, sorted(missing))
+        await loader.load_decisions(graph, sorted({ln.first for ln in mine} | graph.replaced_keys))
+        for r in sorted(roots):
+            graph.recompute(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Page tokens
+
+
+def encode_token(*parts: Any) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(list(parts))).decode().rstrip("=")
+
+
+def decode_token(token: str, n: int) -> list[Any] | None:
+    """The parts of a page token, or None when it is not one of ours."""
+    try:
+        parts = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(parts, list) or len(parts) != n:
+        return None
+    return parts

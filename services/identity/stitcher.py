@@ -1,0 +1,349 @@
+"""The identity graph's writers: the event-log consumer, SplitProfile and DeleteProfile.
+
+Each runs in one transaction that holds the consumer's position row, so they never interleave:
+a split or a deletion waits for the batch in flight and the next batch waits for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import asyncpg
+import grpc
+from prometheus_client import Counter
+
+from services.identity import domain, store
+from services.identity.domain import Extractor, Graph, Ident, Key, Observed, Rules
+from services.identity.store import PgLoader
+from touchpoint.events.v1 import event_pb2
+from touchpoint.ingest.v1 import ingest_service_pb2 as ingest_pb
+from touchpoint.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+from touchpoint.platform.errors import ServiceError, Violation, invalid_argument, not_found
+from touchpoint.platform.eventlog import LogConsumer, LogEvent
+
+log = logging.getLogger(__name__)
+
+CONSUMER = "identity"
+_BULK = 10_000
+# Built-in kinds are labels of their own; custom kinds (client-chosen) share one label.
+_LABEL_KINDS = frozenset({"user_id", "email", "phone", *domain.LOW_PRIORITY})
+
+EVENTS_SKIPPED = Counter(
+    "touchpoint_identity_events_skipped_total",
+    "Events of the log not stitched, by reason (NO_IDENTIFIER, DELETED_IDENTIFIER).",
+    ["reason"],
+)
+MERGES = Counter("touchpoint_identity_merges_total", "Merges of two or more existing profiles.")
+REFUSED = Counter(
+    "touchpoint_identity_refused_merges_total",
+    "Merges refused, by reason (LIMIT_EXCEEDED, BLOCKED_VALUE) and identifier kind.",
+    ["reason", "kind"],
+)
+RECOMPUTED = Counter(
+    "touchpoint_identity_recomputed_components_total",
+    "Components recomputed because of a late event, a split or a deletion.",
+)
+SPLITS = Counter("touchpoint_identity_splits_total", "Profiles split, by reason.", ["reason"])
+DELETIONS = Counter("touchpoint_identity_deletions_total", "Profiles deleted (GDPR).")
+
+
+def _label(kind: str) -> str:
+    return kind if kind in _LABEL_KINDS else "custom"
+
+
+class Stitcher:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        extractor: Extractor,
+        rules: Rules,
+        ingest: ingest_grpc.IngestServiceStub,
+        batch_size: int = 2000,
+        rules_cache_seconds: float = 10.0,
+    ) -> None:
+        self.pool = pool
+        self.extractor = extractor
+        self.base_rules = rules
+        self.ingest = ingest
+        self.rules_cache_seconds = rules_cache_seconds
+        self._rules: dict[str, tuple[float, Rules]] = {}
+        self.consumer = LogConsumer(
+            pool, schema="identity", name=CONSUMER, apply=self.apply, batch_size=batch_size
+        )
+
+    # -- rules ----------------------------------------------------------------------------
+    async def rules_for(self, conn: asyncpg.Connection, spaces: Sequence[str]) -> dict[str, Rules]:
+        now = time.monotonic()
+        out: dict[str, Rules] = {}
+        missing = []
+        for s in spaces:
+            hit = self._rules.get(s)
+            if hit is not None and hit[0] > now:
+                out[s] = hit[1]
+            else:
+                missing.append(s)
+        if missing:
+            configs = await store.space_rules(conn, missing)
+            for s in missing:
+                try:
+                    rules = Rules.from_config(configs.get(s), self.base_rules)
+                except (ValueError, TypeError):
+                    log.exception("bad rules in identity.space_rules; using the defaults", extra={"space": s})
+                    rules = self.base_rules
+                out[s] = rules
+                if self.rules_cache_seconds > 0:
+                    self._rules[s] = (now + self.rules_cache_seconds, rules)
+        return out
+
+    # -- the consumer ---------------------------------------------------------------------
+    async def apply(self, conn: asyncpg.Connection, events: list[LogEvent]) -> None:
+        by_space: dict[str, list[LogEvent]] = defaultdict(list)
+        for ev in events:
+            by_space[ev.space_id].append(ev)
+        rules = await self.rules_for(conn, list(by_space))
+        check_deleted = await store.any_deleted(conn)
+        for space, evs in by_space.items():
+            r = rules[space]
+            observed: list[Observed] = []
+            for ev in evs:
+                o = self.extractor.observe(ev, r)
+                if o is None:
+                    EVENTS_SKIPPED.labels("NO_IDENTIFIER").inc()
+                    continue
+                for x in o.blocked:
+                    REFUSED.labels("BLOCKED_VALUE", _label(x[0])).inc()
+                observed.append(o)
+            if check_deleted and observed:
+                observed = await self._drop_deleted(conn, space, observed)
+            if not observed:
+                continue
+            graph = Graph(space, r)
+            await domain.apply(graph, PgLoader(conn, space), observed)
+            await store.write(conn, graph, observed)
+            self._count(graph)
+
+    async def _drop_deleted(
+        self, conn: asyncpg.Connection, space: str, observed: list[Observed]
+    ) -> list[Observed]:
+        digests = {x: domain.ident_digest(space, x) for o in observed for x in o.idents}
+        deleted = await store.deleted_digests(conn, space, list(set(digests.values())))
+        if not deleted:
+            return observed
+        keep: list[Observed] = []
+        drop: list[Observed] = []
+        for o in observed:
+            (drop if any(digests[x] in deleted for x in o.idents) else keep).append(o)
+        # Accepted by ingest before the suppression reached it: delete them too.
+        await store.queue_deletions(conn, space, [(o.source_id, o.message_id) for o in drop])
+        EVENTS_SKIPPED.labels("DELETED_IDENTIFIER").inc(len(drop))
+        return keep
+
+    @staticmethod
+    def _count(graph: Graph) -> None:
+        for d in graph.decisions:
+            if d.action == domain.MERGED:
+                MERGES.inc()
+            else:
+                REFUSED.labels(d.reason, _label(d.limit_kind)).inc()
+        if graph.recomputed:
+            RECOMPUTED.inc(graph.recomputed)
+
+    # -- SplitProfile ---------------------------------------------------------------------
+    async def split(
+        self,
+        profile: str,
+        *,
+        ident: Ident | None,
+        link: tuple[str, str] | None,
+        note: str,
+        request_id: str,
+    ) -> tuple[list[str], asyncpg.Record]:
+        """Detaches an identifier or cuts a link; returns the profiles of the split profile's
+        identifiers (largest first) and the merge log entry."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await store.lock_consumer(conn, CONSUMER)
+            if request_id:
+                done = await store.split_by_request(conn, request_id)
+                if done is not None:
+                    return await store.largest_first(
+                        conn, [done["profile_id"], *done["other_profile_ids"]]
+                    ), done
+            space = await store.profile_space(conn, profile)
+            if space is None:
+                raise _profile_not_found(profile)
+            members = {(r["kind"], r["value"]) for r in await store.profile_identifiers(conn, profile)}
+            rules = (await self.rules_for(conn, [space]))[space]
+            graph = Graph(space, rules)
+            loader = PgLoader(conn, space)
+            event: Key | None = None
+            if ident is not None:
+                if ident not in members:
+                    raise invalid_argument(
+                        "NOT_IN_PROFILE",
+                        "the identifier is not one of the profile's",
+                        [
+                            Violation(
+                                "identifier", "NOT_IN_PROFILE", f"not an identifier of profiles/{profile}"
+                            )
+                        ],
+                    )
+                if len(members) == 1:
+                    raise _failed("NOTHING_TO_SPLIT", "the profile has only this identifier")
+                await loader.load_idents(graph, [ident])
+                root = graph.detach(ident)
+                reason, detached = "IDENTIFIER_DETACHED", [ident]
+            else:
+                assert link is not None
+                sk = await self._find_link(conn, space, rules, link)
+                await loader.load_links(graph, [sk])
+                ln = graph.links[sk]
+                if not members.intersection(ln.idents):
+                    raise invalid_argument(
+                        "NOT_IN_PROFILE",
+                        "the link does not involve the profile",
+                        [
+                            Violation(
+                                "link",
+                                "NOT_IN_PROFILE",
+                                f"the event links no identifier of profiles/{profile}",
+                            )
+                        ],
+                    )
+                if ln.cut:
+                    raise _failed("ALREADY_CUT", "the link was cut before")
+                await loader.load_idents(graph, ln.idents)
+                root = graph.cut(sk)
+                reason, detached, event = "LINK_CUT", list(ln.idents), ln.first
+            if root is not None:
+                graph.dirty.add(root)
+            await domain.settle(graph, loader)
+            await store.write(conn, graph)
+            self._count(graph)
+            sizes: dict[str, int] = defaultdict(int)
+            for x in members:
+                sizes[graph.part.prof[x]] += 1
+            after = sorted(sizes, key=lambda p: (-sizes[p], p))
+            entry = await store.record_split(
+                conn,
+                space_id=space,
+                reason=reason,
+                profile=profile,
+                others=[p for p in after if p != profile],
+                idents=detached,
+                event=event,
+                note=note,
+                request_id=request_id or None,
+            )
+        SPLITS.labels(reason).inc()
+        return after, entry
+
+    async def _find_link(
+        self, conn: asyncpg.Connection, space: str, rules: Rules, ref: tuple[str, str]
+    ) -> bytes:
+        # The event's identifier set, from the published log (an indexed read)...
+        row = await store.event_for_link(conn, *ref)
+        if row is not None and row["space_id"] == space:
+            usable, _ = self.extractor.identifiers(
+                rules,
+                user_id=row["user_id"],
+                anonymous_id=row["anonymous_id"],
+                previous_id=row["previous_id"],
+                traits=row["traits"] or {},
+                context=row["context"] or {},
+            )
+            if len(usable) > 1:
+                sk = domain.set_key(usable)
+                if await store.link_exists(conn, space, sk):
+                    return sk
+        # ...or, when the event was deleted since, the link it was the first event of (a scan).
+        first = await store.link_by_first_event(conn, space, *ref)
+        if first is not None:
+            return first
+        raise not_found(
+            "LINK_NOT_FOUND", "no link of this space was made by that event", link=f"{ref[0]}/{ref[1]}"
+        )
+
+    # -- DeleteProfile --------------------------------------------------------------------
+    async def delete_profile(self, profile: str, reason: str) -> tuple[asyncpg.Record, int]:
+        """Deletes a profile (GDPR); returns its tombstone and how many events this call deleted."""
+        tomb = await store.tombstone(self.pool, profile)
+        if tomb is not None:
+            return tomb, await self.drain(profile)
+        space = await store.profile_space(self.pool, profile)
+        if space is None:
+            raise _profile_not_found(profile)
+        note = f"delete profiles/{profile}" + (f": {reason}" if reason else "")
+        suppressed: set[Ident] = set()
+        first = [(r["kind"], r["value"]) for r in await store.profile_identifiers(self.pool, profile)]
+        # Suppress first: from now on ingest drops new events carrying these identifiers.
+        await self._suppress(space, first, note)
+        suppressed.update(first)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await store.lock_consumer(conn, CONSUMER)
+            if await store.profile_space(conn, profile) is None:
+                raise _profile_not_found(profile)  # merged into another profile meanwhile
+            idents = sorted((r["kind"], r["value"]) for r in await store.profile_identifiers(conn, profile))
+            late = [x for x in idents if x not in suppressed]
+            if late:
+                await self._suppress(space, late, note)
+            rules = (await self.rules_for(conn, [space]))[space]
+            graph = Graph(space, rules)
+            loader = PgLoader(conn, space)
+            await loader.load_idents(graph, idents)
+            gone = set(idents)
+            comps = sorted({c for x in idents if (c := graph.comp.get(x)) is not None})
+            scan = rules.pattern is not None or any(x in graph.isolated for x in idents)
+            sets = await loader.links_containing(graph, idents, comps, scan)
+            rest = [tuple(x for x in s if x not in gone) for s in sets]
+            await loader.load_links(graph, [domain.set_key(r) for r in rest if len(r) > 1])
+            former = sorted({domain.profile_id(space, x) for x in idents} | {profile})
+            await store.forget_profile_rows(conn, space, profile, idents, former)
+            graph.forget(gone)
+            await domain.settle(graph, loader)
+            await store.write(conn, graph)
+            self._count(graph)
+            tomb = await store.record_deletion(
+                conn, space, profile, [domain.ident_digest(space, x) for x in idents], reason, len(idents)
+            )
+        DELETIONS.inc()
+        return tomb, await self.drain(profile)
+
+    async def _suppress(self, space: str, idents: Sequence[Ident], reason: str) -> None:
+        for i in range(0, len(idents), _BULK):
+            chunk = idents[i : i + _BULK]
+            await self.ingest.SuppressIdentifiers(
+                ingest_pb.SuppressIdentifiersRequest(
+                    space_id=space,
+                    identifiers=[event_pb2.Identifier(kind=k, value=v) for k, v in chunk],
+                    reason=reason,
+                ),
+                timeout=30,
+            )
+
+    async def drain(self, profile: str | None = None) -> int:
+        """Deletes queued events at ingest (a profile's, or all); returns how many were deleted."""
+        total = 0
+        while refs := await store.queued_deletions(self.pool, profile, _BULK):
+            resp = await self.ingest.DeleteEvents(
+                ingest_pb.DeleteEventsRequest(
+                    events=[event_pb2.EventRef(source_id=s, message_id=m) for s, m in refs]
+                ),
+                timeout=60,
+            )
+            await store.dequeue_deletions(self.pool, refs)
+            if profile:
+                await store.count_events_deleted(self.pool, profile, resp.deleted)
+            total += resp.deleted
+        return total
+
+
+def _profile_not_found(profile: str) -> ServiceError:
+    return not_found("PROFILE_NOT_FOUND", f"profiles/{profile} does not exist", profile=f"profiles/{profile}")
+
+
+def _failed(reason: str, message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, reason, message)

@@ -1,0 +1,790 @@
+"""Every SQL statement of the identity service."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.identity.domain import (
+    DEVICE_KINDS,
+    Decision,
+    Graph,
+    Ident,
+    Key,
+    Observed,
+    decode_ident,
+    encode_ident,
+)
+
+_SEP = "\x1e"  # identifier values never hold control characters (domain.normalise)
+
+_LINK_COLUMNS = (
+    "l.set_key, l.idents, l.first_time, l.first_message_id, l.first_source_id, l.cut, l.component_id"
+)
+_IDENT_COLUMNS = """i.kind, i.value, i.profile_id, i.component_id, i.first_time, i.first_message_id,
+    i.first_source_id, i.isolated, c.max_time, c.max_message_id, c.max_source_id, c.size"""
+
+
+def _key(t: datetime | None, mid: str | None, src: str | None) -> Key | None:
+    return None if t is None else (t, mid or "", src or "")
+
+
+def _load_ident_rows(graph: Graph, rows: Iterable[asyncpg.Record]) -> None:
+    for r in rows:
+        cid = r["component_id"]
+        graph.load_ident(
+            (r["kind"], r["value"]),
+            r["profile_id"],
+            cid,
+            (r["first_time"], r["first_message_id"], r["first_source_id"]),
+            r["isolated"],
+        )
+        if cid is not None and r["size"] is not None:
+            graph.load_component(cid, _key(r["max_time"], r["max_message_id"], r["max_source_id"]), r["size"])
+
+
+def _load_link_rows(graph: Graph, rows: Iterable[asyncpg.Record]) -> None:
+    for r in rows:
+        graph.load_link(
+            bytes(r["set_key"]),
+            tuple(decode_ident(t) for t in r["idents"]),
+            (r["first_time"], r["first_message_id"], r["first_source_id"]),
+            r["cut"],
+            r["component_id"],
+        )
+
+
+class PgLoader:
+    """Loads slices of one space's graph on a connection (inside the caller's transaction)."""
+
+    def __init__(self, conn: asyncpg.Connection, space_id: str) -> None:
+        self.conn = conn
+        self.space_id = space_id
+
+    async def load_idents(self, graph: Graph, idents: Sequence[Ident]) -> None:
+        if not idents:
+            return
+        rows = await self.conn.fetch(
+            f"""with hit as (
+                    select distinct i.profile_id
+                    from unnest($2::text[], $3::text[]) as u(kind, value)
+                    join identity.identifiers i
+                      on i.space_id = $1 and i.kind = u.kind and i.value = u.value)
+                select {_IDENT_COLUMNS}
+                from identity.identifiers i
+                left join identity.components c on c.component_id = i.component_id
+                where i.profile_id in (select profile_id from hit)""",
+            self.space_id,
+            [x[0] for x in idents],
+            [x[1] for x in idents],
+        )
+        _load_ident_rows(graph, rows)
+
+    async def load_links(self, graph: Graph, keys: Sequence[bytes]) -> None:
+        if not keys:
+            return
+        rows = await self.conn.fetch(
+            """select set_key, idents, first_time, first_message_id, first_source_id, cut, component_id
+               from unnest($2::bytea[]) as u(sk)
+               join identity.links l on l.space_id = $1 and l.set_key = u.sk""",
+            self.space_id,
+            list(keys),
+        )
+        _load_link_rows(graph, rows)
+
+    async def load_components(self, graph: Graph, cids: Sequence[int]) -> None:
+        if not cids:
+            return
+        rows = await self.conn.fetch(
+            f"""select {_IDENT_COLUMNS}
+                from unnest($1::bigint[]) as u(cid)
+                join identity.identifiers i on i.component_id = u.cid
+                left join identity.components c on c.component_id = i.component_id""",
+            list(cids),
+        )
+        _load_ident_rows(graph, rows)
+        links = await self.conn.fetch(
+            """select set_key, idents, first_time, first_message_id, first_source_id, cut, component_id
+               from unnest($1::bigint[]) as u(cid)
+               join identity.links l on l.component_id = u.cid""",
+            list(cids),
+        )
+        _load_link_rows(graph, links)
+
+    async def load_decisions(self, graph: Graph, keys: Sequence[Key]) -> None:
+        if not keys:
+            return
+        rows = await self.conn.fetch(
+            """select m.id, m.action, m.reason, m.limit_kind, m.profile_id, m.other_profile_ids,
+                      m.identifiers, m.event_time, m.source_id, m.message_id
+               from unnest($2::timestamptz[], $3::text[], $4::text[]) as k(t, mid, src)
+               join identity.merge_log m
+                 on m.source_id = k.src and m.message_id = k.mid and m.event_time = k.t
+               where m.space_id = $1 and m.superseded_time is null and m.action <> 'split'""",
+            graph.space_id,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+        )
+        for r in rows:
+            d = Decision(
+                r["action"],
+                r["reason"],
+                r["limit_kind"],
+                r["profile_id"],
+                tuple(r["other_profile_ids"]),
+                tuple(decode_ident(t) for t in r["identifiers"]),
+                (r["event_time"], r["message_id"], r["source_id"]),
+            )
+            graph.recorded.setdefault(d, r["id"])
+
+    async def links_containing(
+        self, graph: Graph, idents: Sequence[Ident], components: Sequence[int], scan: bool
+    ) -> list[tuple[Ident, ...]]:
+        """Loads every link that holds one of the identifiers (which are in `components`);
+        returns their identifier sets. `scan`: some are detached or blocked, so links outside
+        their components may hold them too: scan every link of the space (a rare case)."""
+        wanted = [encode_ident(x) for x in idents]
+        rows = list(
+            await self.conn.fetch(
+                f"""select {_LINK_COLUMNS} from identity.links l
+                    where l.space_id = $1 and l.component_id is null and l.idents && $2::text[]
+                    union all
+                    select {_LINK_COLUMNS} from unnest($3::bigint[]) as u(cid)
+                    join identity.links l on l.component_id = u.cid
+                    where l.idents && $2::text[]""",
+                self.space_id,
+                wanted,
+                list(components),
+            )
+        )
+        if scan:
+            rows += await self.conn.fetch(
+                f"""select {_LINK_COLUMNS} from identity.links l
+                    where l.space_id = $1 and l.component_id is not null and l.idents && $2::text[]""",
+                self.space_id,
+                wanted,
+            )
+        _load_link_rows(graph, rows)
+        return [tuple(decode_ident(t) for t in r["idents"]) for r in rows]
+
+
+@dataclass(slots=True)
+class _Seen:
+    last: datetime
+    attrs: dict[str, str] | None
+
+
+async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Observed] = ()) -> None:
+    """Writes a graph's changes, and the events observed (refs, traits, last seen)."""
+    space = graph.space_id
+    # Components merged into others: move their rows first, the upserts below then win.
+    if graph.alias:
+        olds = list(graph.alias)
+        news = [graph.find(c) for c in olds]
+        for table in ("identifiers", "links"):
+            await conn.execute(
+                f"""update identity.{table} t set component_id = m.new
+                    from unnest($1::bigint[], $2::bigint[]) as m(old, new)
+                    where t.component_id = m.old""",
+                olds,
+                news,
+            )
+    gone = [c for c in graph.removed_components if c not in graph.new_components]
+    if gone:
+        await conn.execute(
+            """delete from identity.components c using unnest($1::bigint[]) as u(cid)
+               where c.component_id = u.cid""",
+            gone,
+        )
+    comps = graph.components
+    fresh = [c for c in graph.new_components if c in comps]
+    changed = [c for c in graph.changed_components if c in comps and c not in graph.new_components]
+    for ids, sql in (
+        (
+            fresh,
+            """insert into identity.components
+                   (component_id, space_id, max_time, max_message_id, max_source_id, size)
+               select u.id, $1, u.t, u.mid, u.src, u.size
+               from unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::int[])
+                    as u(id, t, mid, src, size)""",
+        ),
+        (
+            changed,
+            """update identity.components c
+               set max_time = u.t, max_message_id = u.mid, max_source_id = u.src, size = u.size
+               from unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::int[])
+                    as u(id, t, mid, src, size)
+               where c.component_id = u.id and c.space_id = $1""",
+        ),
+    ):
+        if ids:
+            keys = [comps[c].max_key for c in ids]
+            await conn.execute(
+                sql,
+                space,
+                ids,
+                [k[0] if k else None for k in keys],
+                [k[1] if k else None for k in keys],
+                [k[2] if k else None for k in keys],
+                [comps[c].size for c in ids],
+            )
+
+    # Identifiers: what changed, and when each observed one was last seen.
+    seen: dict[Ident, _Seen] = {}
+    for o in observed:
+        attrs = o.device or None
+        for x in o.idents:
+            s = seen.get(x)
+            a = attrs if attrs is not None and x[0] in DEVICE_KINDS else None
+            if s is None:
+                seen[x] = _Seen(o.time, a)
+            elif o.time >= s.last:
+                s.last = o.time
+                s.attrs = a or s.attrs
+    if graph.removed_idents:
+        rm = list(graph.removed_idents)
+        await conn.execute(
+            """delete from identity.identifiers i using unnest($2::text[], $3::text[]) as u(kind, value)
+               where i.space_id = $1 and i.kind = u.kind and i.value = u.value""",
+            space,
+            [x[0] for x in rm],
+            [x[1] for x in rm],
+        )
+    await _ensure_stages(conn)
+    part, isolated, removed = graph.part, graph.isolated, graph.removed_idents
+    prof, birth, root_of = part.prof, part.birth, graph.root_of
+    records = []
+    for x in graph.changed_identifiers() | seen.keys():
+        if x in removed:
+            continue
+        b = birth[x]
+        sx = seen.get(x)
+        records.append(
+            (x[0], x[1], prof[x], root_of(x), b[0], b[1], b[2],
+             sx.last if sx else b[0], x in isolated, sx.attrs if sx else None)
+        )  # fmt: skip
+    if records:
+        await conn.copy_records_to_table("identity_stage_identifiers", records=records)
+        await conn.execute(
+            """insert into identity.identifiers as i (space_id, kind, value, profile_id, component_id,
+                   first_time, first_message_id, first_source_id, last_time, isolated, attrs)
+               select $1, kind, value, profile_id, component_id, ft, fm, fs, lt, isolated, attrs
+               from identity_stage_identifiers
+               on conflict (space_id, kind, value) do update set
+                   profile_id = excluded.profile_id,
+                   component_id = excluded.component_id,
+                   first_time = excluded.first_time,
+                   first_message_id = excluded.first_message_id,
+                   first_source_id = excluded.first_source_id,
+                   last_time = greatest(i.last_time, excluded.last_time),
+                   isolated = excluded.isolated,
+                   attrs = case when excluded.attrs is not null and excluded.last_time >= i.last_time
+                                then excluded.attrs else i.attrs end""",
+            space,
+        )
+
+    # Links.
+    if graph.removed_links:
+        await conn.execute(
+            """delete from identity.links l using unnest($2::bytea[]) as u(sk)
+               where l.space_id = $1 and l.set_key = u.sk""",
+            space,
+            list(graph.removed_links),
+        )
+    if graph.changed_links:
+        find = graph.find
+        links = [
+            (sk, [f"{k}:{v}" for k, v in ln.idents], ln.first[0], ln.first[1], ln.first[2], ln.cut,
+             None if ln.component is None else find(ln.component))
+            for sk in graph.changed_links
+            for ln in (graph.links[sk],)
+        ]  # fmt: skip
+        await conn.copy_records_to_table("identity_stage_links", records=links)
+        await conn.execute(
+            """insert into identity.links (space_id, set_key, idents, first_time, first_message_id,
+                   first_source_id, cut, component_id)
+               select $1, set_key, idents, ft, fm, fs, cut, component_id from identity_stage_links
+               on conflict (space_id, set_key) do update set
+                   first_time = excluded.first_time,
+                   first_message_id = excluded.first_message_id,
+                   first_source_id = excluded.first_source_id,
+                   cut = excluded.cut,
+                   component_id = excluded.component_id""",
+            space,
+        )
+
+    # Merge log.
+    if graph.superseded:
+        await conn.execute(
+            """update identity.merge_log m set superseded_time = now()
+               from unnest($1::bigint[]) as u(id) where m.id = u.id""",
+            graph.superseded,
+        )
+    if graph.decisions:
+        await conn.copy_records_to_table(
+            "merge_log",
+            schema_name="identity",
+            columns=_MERGE_LOG_COPY,
+            records=[
+                (space, d.action, d.reason, d.limit_kind, d.profile, list(d.others),
+                 [f"{k}:{v}" for k, v in d.idents], d.key[0], d.key[1], d.key[2])
+                for d in graph.decisions
+            ],
+        )  # fmt: skip
+
+    if observed:
+        await _write_observations(conn, space, observed)
+
+
+_MERGE_LOG_COPY = (
+    "space_id",
+    "action",
+    "reason",
+    "limit_kind",
+    "profile_id",
+    "other_profile_ids",
+    "identifiers",
+    "event_time",
+    "message_id",
+    "source_id",
+)
+
+# Per-connection staging tables for bulk upserts: COPY in, then one INSERT ... ON CONFLICT.
+_STAGES = """
+create temp table if not exists identity_stage_identifiers (
+    kind text, value text, profile_id text, component_id bigint, ft timestamptz, fm text, fs text,
+    lt timestamptz, isolated bool, attrs jsonb) on commit delete rows;
+create temp table if not exists identity_stage_links (
+    set_key bytea, idents text[], ft timestamptz, fm text, fs text, cut bool, component_id bigint)
+    on commit delete rows;
+create temp table if not exists identity_stage_traits (
+    kind text, value text, key text, value_json jsonb, t timestamptz, mid text, src text)
+    on commit delete rows;
+"""
+
+
+_STAGED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+async def _ensure_stages(conn: asyncpg.Connection) -> None:
+    # Temporary tables live as long as the connection: create them once per connection.
+    raw = getattr(conn, "_con", conn)  # the connection behind a pool's proxy
+    if raw not in _STAGED:
+        await conn.execute(_STAGES)
+        _STAGED.add(raw)
+
+
+async def _write_observations(conn: asyncpg.Connection, space: str, observed: Sequence[Observed]) -> None:
+    await conn.copy_records_to_table(
+        "event_refs",
+        schema_name="identity",
+        columns=("space_id", "kind", "value", "time", "message_id", "source_id"),
+        records=[(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed],
+    )
+    latest: dict[tuple[Ident, str], tuple[Key, Any]] = {}
+    for o in observed:
+        if not o.traits:
+            continue
+        anchor = o.idents[0]
+        for k, v in o.traits.items():
+            slot = (anchor, k)
+            prev = latest.get(slot)
+            if prev is None or o.key > prev[0]:
+                latest[slot] = (o.key, v)
+    if latest:
+        await conn.copy_records_to_table(
+            "identity_stage_traits",
+            records=[(s[0][0], s[0][1], s[1], v, k[0], k[1], k[2]) for s, (k, v) in latest.items()],
+        )
+        await conn.execute(
+            """insert into identity.traits as t (space_id, kind, value, key, value_json, "time",
+                   message_id, source_id)
+               select $1, kind, value, key, value_json, t, mid, src from identity_stage_traits
+               on conflict (space_id, kind, value, key) do update set
+                   value_json = excluded.value_json, "time" = excluded."time",
+                   message_id = excluded.message_id, source_id = excluded.source_id
+               where (excluded."time", excluded.message_id, excluded.source_id)
+                     > (t."time", t.message_id, t.source_id)""",
+            space,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules, deletions, locks
+
+
+async def space_rules(
+    conn: asyncpg.Connection | asyncpg.Pool, space_ids: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    rows = await conn.fetch(
+        """select space_id, limits, default_limit, priority, blocked_pattern
+           from identity.space_rules where space_id = any($1::text[])""",
+        list(space_ids),
+    )
+    return {r["space_id"]: dict(r) for r in rows}
+
+
+async def any_deleted(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval("select exists(select 1 from identity.deleted_identifiers)"))
+
+
+async def deleted_digests(conn: asyncpg.Connection, space_id: str, digests: Sequence[bytes]) -> set[bytes]:
+    rows = await conn.fetch(
+        """select d.digest from unnest($2::bytea[]) as u(digest)
+           join identity.deleted_identifiers d on d.space_id = $1 and d.digest = u.digest""",
+        space_id,
+        list(digests),
+    )
+    return {bytes(r["digest"]) for r in rows}
+
+
+async def queue_deletions(
+    conn: asyncpg.Connection, space_id: str, refs: Sequence[tuple[str, str]], profile: str = ""
+) -> None:
+    if refs:
+        await conn.execute(
+            """insert into identity.deletion_queue (source_id, message_id, space_id, profile_id)
+               select u.s, u.m, $1, $4 from unnest($2::text[], $3::text[]) as u(s, m)
+               on conflict do nothing""",
+            space_id,
+            [r[0] for r in refs],
+            [r[1] for r in refs],
+            profile,
+        )
+
+
+async def lock_consumer(conn: asyncpg.Connection, consumer: str) -> None:
+    """Waits for the consumer's batch in flight and keeps the next one out until commit."""
+    await conn.execute("select 1 from identity.log_positions where consumer = $1 for update", consumer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reads for the API
+
+
+async def resolve(pool: asyncpg.Pool, space_id: str, idents: Sequence[Ident]) -> dict[Ident, str]:
+    if len(idents) == 1:
+        pid = await pool.fetchval(
+            "select profile_id from identity.identifiers where space_id = $1 and kind = $2 and value = $3",
+            space_id,
+            idents[0][0],
+            idents[0][1],
+        )
+        return {} if pid is None else {idents[0]: pid}
+    rows = await pool.fetch(
+        """select i.kind, i.value, i.profile_id
+           from unnest($2::text[], $3::text[]) as u(kind, value)
+           join identity.identifiers i on i.space_id = $1 and i.kind = u.kind and i.value = u.value""",
+        space_id,
+        [x[0] for x in idents],
+        [x[1] for x in idents],
+    )
+    return {(r["kind"], r["value"]): r["profile_id"] for r in rows}
+
+
+async def profile_space(conn: asyncpg.Connection | asyncpg.Pool, profile: str) -> str | None:
+    space = await conn.fetchval(
+        "select space_id from identity.identifiers where profile_id = $1 limit 1", profile
+    )
+    return None if space is None else str(space)
+
+
+async def profile_identifiers(conn: asyncpg.Connection | asyncpg.Pool, profile: str) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            """select kind, value, first_time, last_time, attrs
+               from identity.identifiers where profile_id = $1""",
+            profile,
+        )
+    )
+
+
+async def profile_traits(pool: asyncpg.Pool, profile: str) -> list[asyncpg.Record]:
+    return list(
+        await pool.fetch(
+            """select distinct on (t.key) t.key, t.value_json, t."time", t.message_id, t.source_id,
+                      t.kind, t.value
+               from identity.identifiers i
+               join identity.traits t on t.space_id = i.space_id and t.kind = i.kind and t.value = i.value
+               where i.profile_id = $1
+               order by t.key, t."time" desc, t.message_id desc, t.source_id desc""",
+            profile,
+        )
+    )
+
+
+async def profile_event_refs(
+    pool: asyncpg.Pool,
+    profile: str,
+    start: datetime | None,
+    end: datetime | None,
+    after: Key | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    return list(
+        await pool.fetch(
+            """select r."time", r.message_id, r.source_id
+               from identity.identifiers i
+               join identity.event_refs r on r.space_id = i.space_id and r.kind = i.kind and r.value = i.value
+               where i.profile_id = $1
+                 and ($2::timestamptz is null or r."time" >= $2)
+                 and ($3::timestamptz is null or r."time" < $3)
+                 and ($4::timestamptz is null or (r."time", r.message_id, r.source_id) > ($4, $5, $6))
+               order by r."time", r.message_id, r.source_id
+               limit $7""",
+            profile,
+            start,
+            end,
+            after[0] if after else None,
+            after[1] if after else "",
+            after[2] if after else "",
+            limit,
+        )
+    )
+
+
+async def event_bodies(
+    pool: asyncpg.Pool, refs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], asyncpg.Record]:
+    """Events of the published log ingest.event_log, by (source_id, message_id)."""
+    if not refs:
+        return {}
+    rows = await pool.fetch(
+        """select e.type, e.message_id, e.user_id, e.anonymous_id, e.previous_id, e.group_id, e.event,
+                  e.name, e.source_id, e.space_id, e.properties, e.traits, e.context, e.integrations,
+                  e."timestamp", e.received_at, e.original_timestamp, e.sent_at, e.campaign, e.click_ids
+           from unnest($1::text[], $2::text[]) as u(source_id, message_id)
+           join ingest.event_log e on e.source_id = u.source_id and e.message_id = u.message_id""",
+        [r[0] for r in refs],
+        [r[1] for r in refs],
+    )
+    return {(r["source_id"], r["message_id"]): r for r in rows}
+
+
+async def event_for_link(conn: asyncpg.Connection, source_id: str, message_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """select space_id, source_id, message_id, type, user_id, anonymous_id, previous_id, "timestamp",
+                  traits, context
+           from ingest.event_log where source_id = $1 and message_id = $2 limit 1""",
+        source_id,
+        message_id,
+    )
+
+
+async def link_exists(conn: asyncpg.Connection, space_id: str, sk: bytes) -> bool:
+    return bool(
+        await conn.fetchval("select 1 from identity.links where space_id = $1 and set_key = $2", space_id, sk)
+    )
+
+
+async def link_by_first_event(
+    conn: asyncpg.Connection, space_id: str, source_id: str, message_id: str
+) -> bytes | None:
+    sk = await conn.fetchval(
+        """select set_key from identity.links
+           where first_source_id = $2 and first_message_id = $3 and space_id = $1""",
+        space_id,
+        source_id,
+        message_id,
+    )
+    return None if sk is None else bytes(sk)
+
+
+_MERGE_COLUMNS = """id, action, reason, limit_kind, profile_id, other_profile_ids, identifiers,
+    event_time, source_id, message_id, record_time, superseded_time, note"""
+
+
+async def merges(
+    pool: asyncpg.Pool,
+    space_id: str,
+    profiles: Sequence[str],
+    after: tuple[datetime | None, int] | None,
+    limit: int,
+    include_superseded: bool,
+) -> list[asyncpg.Record]:
+    """Merge log entries naming any of the profiles, by event time (splits by record time)."""
+    return list(
+        await pool.fetch(
+            f"""select {_MERGE_COLUMNS}, coalesce(event_time, record_time) as sort_time
+                from identity.merge_log
+                where space_id = $1
+                  and (profile_id = any($2::text[]) or other_profile_ids && $2::text[])
+                  and ($3 or superseded_time is null)
+                  and ($4::timestamptz is null or (coalesce(event_time, record_time), id) > ($4, $5))
+                order by coalesce(event_time, record_time), id
+                limit $6""",
+            space_id,
+            list(profiles),
+            include_superseded,
+            after[0] if after else None,
+            after[1] if after else 0,
+            limit,
+        )
+    )
+
+
+async def largest_first(conn: asyncpg.Connection, profiles: Sequence[str]) -> list[str]:
+    """The profiles that exist among these, the one with the most identifiers first."""
+    rows = await conn.fetch(
+        """select i.profile_id from unnest($1::text[]) as u(p)
+           join identity.identifiers i on i.profile_id = u.p
+           group by i.profile_id order by count(*) desc, i.profile_id""",
+        list(profiles),
+    )
+    return [r["profile_id"] for r in rows]
+
+
+async def split_by_request(conn: asyncpg.Connection, request_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"select {_MERGE_COLUMNS} from identity.merge_log where request_id = $1 and action = 'split'",
+        request_id,
+    )
+
+
+async def record_split(
+    conn: asyncpg.Connection,
+    *,
+    space_id: str,
+    reason: str,
+    profile: str,
+    others: Sequence[str],
+    idents: Sequence[Ident],
+    event: Key | None,
+    note: str,
+    request_id: str | None,
+) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"""insert into identity.merge_log (space_id, action, reason, profile_id, other_profile_ids,
+                identifiers, event_time, message_id, source_id, note, request_id)
+            values ($1, 'split', $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            returning {_MERGE_COLUMNS}""",
+        space_id,
+        reason,
+        profile,
+        list(others),
+        [encode_ident(x) for x in idents],
+        event[0] if event else None,
+        event[1] if event else None,
+        event[2] if event else None,
+        note,
+        request_id,
+    )
+    assert row is not None
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# GDPR deletion
+
+
+async def tombstone(conn: asyncpg.Connection | asyncpg.Pool, profile: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """select profile_id, space_id, deleted_time, identifiers_deleted, events_deleted
+           from identity.profile_tombstones where profile_id = $1""",
+        profile,
+    )
+
+
+async def forget_profile_rows(
+    conn: asyncpg.Connection, space_id: str, profile: str, idents: Sequence[Ident], former: Sequence[str]
+) -> list[tuple[str, str]]:
+    """Deletes what identity keeps about the identifiers except the graph rows (written by
+    `write`), queues their events for deletion at ingest, and remembers their digests.
+    Returns the events queued."""
+    kinds = [x[0] for x in idents]
+    values = [x[1] for x in idents]
+    refs = await conn.fetch(
+        """delete from identity.event_refs r using unnest($2::text[], $3::text[]) as u(kind, value)
+           where r.space_id = $1 and r.kind = u.kind and r.value = u.value
+           returning r.source_id, r.message_id""",
+        space_id,
+        kinds,
+        values,
+    )
+    out = [(r["source_id"], r["message_id"]) for r in refs]
+    await queue_deletions(conn, space_id, out, profile)
+    await conn.execute(
+        """delete from identity.traits t using unnest($2::text[], $3::text[]) as u(kind, value)
+           where t.space_id = $1 and t.kind = u.kind and t.value = u.value""",
+        space_id,
+        kinds,
+        values,
+    )
+    # Entries naming the identifiers or the profiles they formed: they would keep personal data.
+    await conn.execute(
+        """delete from identity.merge_log
+           where space_id = $1
+             and (identifiers && $2::text[] or profile_id = any($3::text[]) or other_profile_ids && $3::text[])""",
+        space_id,
+        [encode_ident(x) for x in idents],
+        list(former),
+    )
+    return out
+
+
+async def record_deletion(
+    conn: asyncpg.Connection, space_id: str, profile: str, digests: Sequence[bytes], reason: str, count: int
+) -> asyncpg.Record:
+    await conn.execute(
+        """insert into identity.deleted_identifiers (space_id, digest)
+           select $1, d from unnest($2::bytea[]) as d on conflict do nothing""",
+        space_id,
+        list(digests),
+    )
+    row = await conn.fetchrow(
+        """insert into identity.profile_tombstones (profile_id, space_id, reason, identifiers_deleted)
+           values ($1, $2, $3, $4)
+           on conflict (profile_id) do update set reason = identity.profile_tombstones.reason
+           returning profile_id, space_id, deleted_time, identifiers_deleted, events_deleted""",
+        profile,
+        space_id,
+        reason,
+        count,
+    )
+    assert row is not None
+    return row
+
+
+async def queued_deletions(pool: asyncpg.Pool, profile: str | None, limit: int) -> list[tuple[str, str]]:
+    rows = await pool.fetch(
+        """select source_id, message_id from identity.deletion_queue
+           where ($1::text is null or profile_id = $1) order by queued_time limit $2""",
+        profile,
+        limit,
+    )
+    return [(r["source_id"], r["message_id"]) for r in rows]
+
+
+async def dequeue_deletions(pool: asyncpg.Pool, refs: Sequence[tuple[str, str]]) -> None:
+    await pool.execute(
+        """delete from identity.deletion_queue q using unnest($1::text[], $2::text[]) as u(s, m)
+           where q.source_id = u.s and q.message_id = u.m""",
+        [r[0] for r in refs],
+        [r[1] for r in refs],
+    )
+
+
+async def count_events_deleted(pool: asyncpg.Pool, profile: str, n: int) -> None:
+    await pool.execute(
+        "update identity.profile_tombstones set events_deleted = events_deleted + $2 where profile_id = $1",
+        profile,
+        n,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+async def profile_size_counts(pool: asyncpg.Pool) -> Mapping[int, int]:
+    rows = await pool.fetch(
+        """select n, count(*) as c
+           from (select count(*) as n from identity.identifiers group by profile_id) t group by n"""
+    )
+    return {r["n"]: r["c"] for r in rows}

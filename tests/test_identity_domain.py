@@ -1,0 +1,478 @@
+"""Identity stitching rules, in memory: identifiers of events, limits, priority, junk, and the
+order-independence property against an independent reference implementation."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.identity import domain
+from services.identity.domain import (
+    MERGED,
+    REFUSED,
+    Decision,
+    Extractor,
+    Graph,
+    Ident,
+    Key,
+    Observed,
+    Rules,
+    profile_id,
+)
+
+SPACE = "s1"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def key(minute: int, mid: str, src: str = "src") -> Key:
+    return (T0 + timedelta(minutes=minute), mid, src)
+
+
+# ---------------------------------------------------------------------------------------------
+# A memory store that loads graph slices exactly as the Postgres store does: only what a batch
+# touches, then whole components when something goes late.
+
+
+@dataclass
+class _Row:
+    profile: str
+    component: int | None
+    birth: Key
+    isolated: bool = False
+
+
+@dataclass
+class MemoryStore:
+    idents: dict[Ident, _Row] = field(default_factory=dict)
+    links: dict[bytes, domain.LinkState] = field(default_factory=dict)
+    comps: dict[int, domain.ComponentState] = field(default_factory=dict)
+    log: dict[int, Decision] = field(default_factory=dict)
+    superseded: set[int] = field(default_factory=set)
+    ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def _ident(self, graph: Graph, x: Ident) -> None:
+        r = self.idents[x]
+        graph.load_ident(x, r.profile, r.component, r.birth, r.isolated)
+        if r.component is not None:
+            c = self.comps[r.component]
+            graph.load_component(r.component, c.max_key, c.size)
+
+    async def load_idents(self, graph: Graph, idents: Sequence[Ident]) -> None:
+        pids = {self.idents[x].profile for x in idents if x in self.idents}
+        for y, r in self.idents.items():
+            if r.profile in pids:
+                self._ident(graph, y)
+
+    async def load_links(self, graph: Graph, keys: Sequence[bytes]) -> None:
+        for k in keys:
+            if k in self.links:
+                ln = self.links[k]
+                graph.load_link(k, ln.idents, ln.first, ln.cut, ln.component)
+
+    async def load_components(self, graph: Graph, cids: Sequence[int]) -> None:
+        wanted = set(cids)
+        for y, r in self.idents.items():
+            if r.component in wanted:
+                self._ident(graph, y)
+        for k, ln in self.links.items():
+            if ln.component in wanted:
+                graph.load_link(k, ln.idents, ln.first, ln.cut, ln.component)
+
+    async def load_decisions(self, graph: Graph, keys: Sequence[Key]) -> None:
+        wanted = set(keys)
+        for i, d in self.log.items():
+            if i not in self.superseded and d.key in wanted:
+                graph.recorded.setdefault(d, i)
+
+    def write(self, graph: Graph) -> None:
+        for old in graph.alias:
+            new = graph.find(old)
+            for r in self.idents.values():
+                if r.component == old:
+                    r.component = new
+            for ln in self.links.values():
+                if ln.component == old:
+                    ln.component = new
+        for c in graph.removed_components:
+            self.comps.pop(c, None)
+        for c in graph.changed_components:
+            if c in graph.components:
+                s = graph.components[c]
+                self.comps[c] = domain.ComponentState(s.max_key, s.size)
+        for x in graph.removed_idents:
+            del self.idents[x]
+        # Exactly what the Postgres store writes: the changed identifiers (it also writes the
+        # observed ones, but only their last-seen time changes then).
+        for x in graph.changed_identifiers():
+            if x in graph.removed_idents:
+                continue
+            self.idents[x] = _Row(
+                graph.part.prof[x], graph.root_of(x), graph.part.birth[x], x in graph.isolated
+            )
+        for k in graph.removed_links:
+            self.links.pop(k, None)
+        for k in graph.changed_links:
+            ln = graph.links[k]
+            comp = None if ln.component is None else graph.find(ln.component)
+            self.links[k] = domain.LinkState(ln.idents, ln.first, ln.cut, comp)
+        for d in graph.decisions:
+            self.log[next(self.ids)] = d
+        self.superseded.update(graph.superseded)
+
+    def apply(self, rules: Rules, batch: Sequence[Observed]) -> None:
+        graph = Graph(SPACE, rules)
+        asyncio.run(domain.apply(graph, self, batch))
+        self.write(graph)
+
+    def partition(self) -> dict[Ident, str]:
+        return {x: r.profile for x, r in self.idents.items()}
+
+    def current_log(self) -> set[Decision]:
+        return {d for i, d in self.log.items() if i not in self.superseded}
+
+
+def observed(k: Key, idents: Sequence[Ident], rules: Rules) -> Observed:
+    return Observed(SPACE, k, tuple(sorted(set(idents), key=rules.order)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: the rules written out plainly, over all events sorted, from scratch, with no
+# links, components or recomputation.
+
+
+def reference(
+    events: Sequence[tuple[Key, tuple[Ident, ...]]], rules: Rules
+) -> tuple[dict[Ident, str], set[Decision]]:
+    def prio(x: Ident) -> tuple[object, ...]:
+        r = rules.rank(x[0])
+        return (r, x[1])
+
+    birth: dict[Ident, Key] = {}
+    group_of: dict[Ident, int] = {}
+    groups: dict[int, set[Ident]] = {}
+    fresh = itertools.count()
+    linked: set[frozenset[Ident]] = set()
+    log: set[Decision] = set()
+
+    def name(g: int) -> str:
+        return profile_id(SPACE, min(groups[g], key=lambda m: (birth[m], prio(m))))
+
+    def fits(members: set[Ident]) -> str:
+        bad = []
+        for kind in {m[0] for m in members}:
+            if sum(1 for m in members if m[0] == kind) > rules.limit(kind):
+                bad.append(kind)
+        return min(bad, key=rules.rank) if bad else ""
+
+    for k, ids in sorted(events):
+        for x in ids:
+            if x not in group_of:
+                birth[x] = k
+                g = next(fresh)
+                group_of[x] = g
+                groups[g] = {x}
+        if len(set(ids)) < 2:
+            continue
+        first = frozenset(ids) not in linked
+        linked.add(frozenset(ids))
+        s = sorted(set(ids), key=prio)
+        limit_kind = ""
+        n = len(s)
+        while True:
+            gs = {group_of[x] for x in s[:n]}
+            bad = fits(set().union(*(groups[g] for g in gs)))
+            if not bad:
+                break
+            limit_kind = limit_kind or bad
+            n -= 1
+        kept, dropped = s[:n], s[n:]
+        gs = {group_of[x] for x in kept}
+        before = {g: name(g) for g in gs}
+        existed = {g for g in gs if birth[min(groups[g], key=lambda m: (birth[m], prio(m)))] < k}
+        target = min(gs, key=lambda g: min((birth[m], prio(m)) for m in groups[g]))
+        for g in gs - {target}:
+            for m in groups.pop(g):
+                group_of[m] = target
+                groups[target].add(m)
+        if len(gs) > 1 and target in existed and len(existed) > 1:
+            others = tuple(sorted(before[g] for g in existed if g != target))
+            if first:
+                log.add(Decision(MERGED, "", "", name(target), others, tuple(kept), k))
+        for x in dropped:
+            kinds = [m[0] for m in groups[target]]
+            if birth[x] == k and len(groups[group_of[x]]) == 1 and kinds.count(x[0]) < rules.limit(x[0]):
+                g = group_of[x]
+                groups.pop(g)
+                group_of[x] = target
+                groups[target].add(x)
+        refused = tuple(x for x in dropped if group_of[x] != target)
+        if refused and first:
+            others = tuple(sorted({name(group_of[x]) for x in refused}))
+            log.add(Decision(REFUSED, "LIMIT_EXCEEDED", limit_kind, name(target), others, refused, k))
+    return {x: name(g) for x, g in group_of.items()}, log
+
+
+# ---------------------------------------------------------------------------------------------
+# The property: any arrival order, any batching, gives the reference's partition, names and log.
+
+IDENTS: list[Ident] = [
+    *(("user_id", f"u{i}") for i in range(3)),
+    *(("anonymous_id", f"a{i}") for i in range(4)),
+    *(("email", f"e{i}@x.io") for i in range(2)),
+    *(("device_id", f"d{i}") for i in range(2)),
+]
+
+event_strategy = st.tuples(
+    st.integers(min_value=0, max_value=6),  # minute: ties on time are common
+    st.lists(st.sampled_from(IDENTS), min_size=1, max_size=4, unique=True),
+)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw=st.lists(event_strategy, min_size=1, max_size=14),
+    data=st.data(),
+    tight=st.booleans(),
+)
+def test_partition_is_independent_of_arrival_order(raw, data, tight) -> None:
+    rules = Rules({"user_id": 1, "anonymous_id": 2, "device_id": 1} if tight else None)
+    events = [(key(minute, f"m{i:02d}"), tuple(ids)) for i, (minute, ids) in enumerate(raw)]
+    expected, expected_log = reference(events, rules)
+
+    arrival = data.draw(st.permutations(events), label="arrival")
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(events) - 1))), label="batches"))
+    store = MemoryStore()
+    for lo, hi in itertools.pairwise([0, *cuts, len(arrival)]):
+        store.apply(rules, [observed(k, ids, rules) for k, ids in arrival[lo:hi]])
+
+    assert store.partition() == expected
+    assert store.current_log() == expected_log
+
+
+def test_two_arrival_orders_with_a_late_event_agree() -> None:
+    """The shared-device case that Segment's arrival-order rule gets wrong: A and B both use
+    device d; B's event arrives first but happened later, so A keeps the device."""
+    rules = Rules()
+    ea = (key(1, "ma"), (("user_id", "A"), ("device_id", "d")))
+    eb = (key(2, "mb"), (("user_id", "B"), ("device_id", "d")))
+    results = []
+    for order in ([ea, eb], [eb, ea]):
+        store = MemoryStore()
+        for k, ids in order:
+            store.apply(rules, [observed(k, ids, rules)])
+        results.append((store.partition(), store.current_log()))
+    assert results[0] == results[1]
+    part, log = results[0]
+    assert part[("device_id", "d")] == part[("user_id", "A")] != part[("user_id", "B")]
+    (refusal,) = log
+    assert refusal.action == REFUSED and refusal.limit_kind == "user_id"
+    assert refusal.key == eb[0] and refusal.idents == (("device_id", "d"),)
+
+
+# ---------------------------------------------------------------------------------------------
+# The greedy rule, case by case
+
+
+def stitch(rules: Rules, *events: tuple[int, Sequence[Ident]]) -> MemoryStore:
+    store = MemoryStore()
+    for i, (minute, ids) in enumerate(events):
+        store.apply(rules, [observed(key(minute, f"m{i}"), ids, rules)])
+    return store
+
+
+def test_two_user_ids_never_share_a_profile() -> None:
+    store = stitch(
+        Rules(),
+        (1, [("user_id", "A"), ("anonymous_id", "x")]),
+        (2, [("user_id", "B"), ("anonymous_id", "x")]),
+        (3, [("user_id", "B"), ("email", "b@x.io"), ("anonymous_id", "x")]),
+    )
+    p = store.partition()
+    assert p[("user_id", "A")] == p[("anonymous_id", "x")]
+    assert p[("user_id", "B")] == p[("email", "b@x.io")] != p[("user_id", "A")]
+
+
+def test_limit_per_kind_refuses_the_sixth_anonymous_id() -> None:
+    events = [(i, [("user_id", "A"), ("anonymous_id", f"x{i}")]) for i in range(6)]
+    store = stitch(Rules(), *events)
+    p = store.partition()
+    assert {x for x, pid in p.items() if pid == p[("user_id", "A")]} == {
+        ("user_id", "A"),
+        *(("anonymous_id", f"x{i}") for i in range(5)),
+    }
+    (refusal,) = [d for d in store.current_log() if d.action == REFUSED]
+    assert refusal.limit_kind == "anonymous_id" and refusal.idents == (("anonymous_id", "x5"),)
+
+
+def test_lowest_priority_identifier_is_dropped_first() -> None:
+    """B logs in on A's browser (x) with a fresh device id: the shared browser id is kept out,
+    the device born with this event joins B."""
+    store = stitch(
+        Rules(),
+        (1, [("user_id", "A"), ("anonymous_id", "x")]),
+        (2, [("user_id", "B"), ("anonymous_id", "x"), ("device_id", "d")]),
+    )
+    p = store.partition()
+    assert p[("device_id", "d")] == p[("user_id", "B")] != p[("anonymous_id", "x")]
+    (refusal,) = store.current_log()
+    assert refusal.idents == (("anonymous_id", "x"),) and refusal.others == (p[("user_id", "A")],)
+
+
+def test_profile_is_named_after_its_oldest_identifier() -> None:
+    store = stitch(
+        Rules(),
+        (1, [("anonymous_id", "x")]),
+        (2, [("user_id", "A"), ("email", "a@x.io")]),
+        (3, [("user_id", "A"), ("anonymous_id", "x")]),
+    )
+    assert set(store.partition().values()) == {profile_id(SPACE, ("anonymous_id", "x"))}
+    (merge,) = store.current_log()
+    assert merge.action == MERGED and merge.others == (profile_id(SPACE, ("user_id", "A")),)
+
+
+def test_priority_is_configurable() -> None:
+    rules = Rules(priority=("user_id", "device_id", "email"))
+    assert rules.rank("device_id") < rules.rank("email") < rules.rank("crm_id") < rules.rank("anonymous_id")
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Rules({"email": 0})
+    assert domain.parse_limits("user_id=1, email=3") == {"user_id": 1, "email": 3}
+    with pytest.raises(ValueError):
+        domain.parse_limits("email")
+
+
+def test_detached_identifier_and_cut_link_are_recomputed() -> None:
+    rules = Rules()
+    store = stitch(
+        rules,
+        (1, [("user_id", "A"), ("anonymous_id", "x")]),
+        (2, [("anonymous_id", "x"), ("anonymous_id", "y")]),
+        (3, [("anonymous_id", "y"), ("email", "y@x.io")]),
+    )
+    assert len(set(store.partition().values())) == 1
+    graph = Graph(SPACE, rules)
+    bad = observed(key(2, "m1"), [("anonymous_id", "x"), ("anonymous_id", "y")], rules)
+    sk = domain.set_key(bad.idents)
+    asyncio.run(store.load_links(graph, [sk]))
+    asyncio.run(store.load_idents(graph, bad.idents))
+    root = graph.cut(sk)
+    assert root is not None
+    graph.dirty.add(root)
+    asyncio.run(domain.settle(graph, store))
+    store.write(graph)
+    p = store.partition()
+    assert (
+        p[("anonymous_id", "y")] == p[("email", "y@x.io")] != p[("user_id", "A")] == p[("anonymous_id", "x")]
+    )
+    # The cut stays cut: the same set again links nothing.
+    store.apply(rules, [observed(key(9, "m9"), bad.idents, rules)])
+    assert store.partition() == p
+    # Detach x from A: it becomes its own profile.
+    graph = Graph(SPACE, rules)
+    asyncio.run(store.load_idents(graph, [("anonymous_id", "x")]))
+    root = graph.detach(("anonymous_id", "x"))
+    assert root is not None
+    graph.dirty.add(root)
+    asyncio.run(domain.settle(graph, store))
+    store.write(graph)
+    p = store.partition()
+    assert p[("anonymous_id", "x")] == profile_id(SPACE, ("anonymous_id", "x")) != p[("user_id", "A")]
+    store.apply(rules, [observed(key(10, "m10"), [("user_id", "A"), ("anonymous_id", "x")], rules)])
+    assert store.partition()[("anonymous_id", "x")] != store.partition()[("user_id", "A")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Identifiers of an event
+
+
+def idents_of(extractor: Extractor | None = None, rules: Rules | None = None, **kw: object) -> list[Ident]:
+    args: dict[str, object] = {
+        "user_id": None,
+        "anonymous_id": None,
+        "previous_id": None,
+        "traits": None,
+        "context": None,
+    }
+    args.update(kw)
+    usable, _ = (extractor or Extractor()).identifiers(rules or Rules(), **args)  # type: ignore[arg-type]
+    return usable
+
+
+def test_identifiers_of_an_event_in_priority_order() -> None:
+    got = idents_of(
+        Extractor(trait_keys=("crm_id",)),
+        user_id="u1",
+        anonymous_id="a1",
+        traits={"email": "  Jane.Doe@Example.COM ", "phone": "(650) 253-0000", "crm_id": 42},
+        context={
+            "traits": {"email": "other@example.com"},
+            "device": {"id": "dev-1", "advertisingId": "idfa-1", "token": "push-1"},
+            "externalIds": [{"id": "cus_9", "type": "stripe_customer_id", "collection": "users"}],
+        },
+    )
+    assert got == [
+        ("user_id", "u1"),
+        ("email", "jane.doe@example.com"),
+        ("email", "other@example.com"),
+        ("phone", "+16502530000"),
+        ("crm_id", "42"),
+        ("stripe_customer_id", "cus_9"),
+        ("anonymous_id", "a1"),
+        ("advertising_id", "idfa-1"),
+        ("device_id", "dev-1"),
+        ("push_token", "push-1"),
+    ]
+
+
+def test_phone_in_e164_with_the_default_region() -> None:
+    assert idents_of(Extractor(default_region="GB"), traits={"phone": "020 7946 0958"}) == [
+        ("phone", "+442079460958")
+    ]
+    assert idents_of(traits={"phone": "+1 650 555 1212"}) == [("phone", "+16505551212")]
+    assert idents_of(traits={"phone": "12345"}) == []
+
+
+@pytest.mark.parametrize(
+    "junk",
+    ["", "0", "-1", "null", "NULL", "None", "undefined", "anonymous", "Guest", "[object Object]", "NaN"],
+)
+def test_junk_values_are_never_identifiers(junk: str) -> None:
+    usable, blocked = Extractor().identifiers(
+        Rules(),
+        user_id=None,
+        anonymous_id=junk or None,
+        previous_id=None,
+        traits={"email": junk},
+        context={"device": {"id": junk}},
+    )
+    assert usable == []
+    if junk:
+        assert ("device_id", junk) in blocked
+
+
+def test_blocked_pattern_and_bad_emails() -> None:
+    rules = Rules(blocked_pattern=r"^test-|@example\.invalid$")
+    assert idents_of(
+        rules=rules, user_id="test-123", anonymous_id="a1", traits={"email": "x@example.invalid"}
+    ) == [("anonymous_id", "a1")]
+    assert idents_of(traits={"email": "not-an-email"}) == []
+
+
+def test_alias_links_previous_id_to_user_id() -> None:
+    assert idents_of(user_id="u1", previous_id="a1") == [("user_id", "u1"), ("anonymous_id", "a1")]
+
+
+def test_page_tokens_round_trip_and_reject_garbage() -> None:
+    token = domain.encode_token("2026-01-01T00:00:00+00:00", "m1", "src")
+    assert domain.decode_token(token, 3) == ["2026-01-01T00:00:00+00:00", "m1", "src"]
+    assert domain.decode_token("garbage!", 3) is None
+    assert domain.decode_token(token, 2) is None
