@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 
 from services.gateway import segment
+from services.gateway.read_api import ReadApi, add_read_routes
 from services.gateway.segment import MAX_BODY_BYTES, RequestError, Translation
 from services.gateway.settings import GatewaySettings, IPNetwork, parse_listen
 from touchpoint.ingest.v1 import ingest_service_pb2, ingest_service_pb2_grpc
@@ -449,6 +450,7 @@ def build_app(
     settings: GatewaySettings,
     *,
     health: health_pb2_grpc.HealthStub,
+    read_api: ReadApi | None = None,
 ) -> web.Application:
     """The aiohttp application. The stubs share the process's one channel to ingest.
 
@@ -465,6 +467,8 @@ def build_app(
     app.on_response_prepare.append(_add_cors)
     app.router.add_get("/health", gateway.health)
     app.router.add_get("/metrics", gateway.metrics)
+    if read_api is not None:
+        add_read_routes(app, read_api)
     return app
 
 

@@ -36,6 +36,11 @@ class GatewaySettings:
     listen: str = "0.0.0.0:8080"
     # Address of the ingest service's gRPC server.
     ingest_addr: str = "127.0.0.1:50051"
+    # Addresses of the identity and attribution services, for the read API.
+    identity_addr: str = "127.0.0.1:50052"
+    attribution_addr: str = "127.0.0.1:50053"
+    # The read key of GET /v1/profiles/... and /v1/reports/...; empty: the read API is off.
+    read_key: str = ""
     # Proxies whose X-Forwarded-For is believed (IPs or CIDRs); requests from anything else are
     # taken at their socket address, so a client cannot forge its IP.
     trusted_proxies: tuple[IPNetwork, ...] = field(default_factory=tuple)
@@ -58,6 +63,9 @@ class GatewaySettings:
         return cls(
             listen=listen,
             ingest_addr=env_str("TOUCHPOINT_INGEST_ADDR", cls.ingest_addr),
+            identity_addr=env_str("TOUCHPOINT_IDENTITY_ADDR", cls.identity_addr),
+            attribution_addr=env_str("TOUCHPOINT_ATTRIBUTION_ADDR", cls.attribution_addr),
+            read_key=env_str("TOUCHPOINT_READ_KEY", ""),
             trusted_proxies=parse_networks(env_list("TOUCHPOINT_GATEWAY_TRUSTED_PROXIES")),
             ingest_timeout_seconds=env_float("TOUCHPOINT_GATEWAY_INGEST_TIMEOUT_SECONDS", 10.0),
             health_timeout_seconds=env_float("TOUCHPOINT_GATEWAY_HEALTH_TIMEOUT_SECONDS", 2.0),
