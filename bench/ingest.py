@@ -270,7 +270,9 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--no-gateway", dest="gateway", action="store_false")
-    parser.add_argument("--workers", type=int, default=2, help="ingest worker processes (TOUCHPOINT_INGEST_WORKERS)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="ingest worker processes (TOUCHPOINT_INGEST_WORKERS)"
+    )
     import uvloop
 
     uvloop.run(main(parser.parse_args()))

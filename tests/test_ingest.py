@@ -354,5 +354,7 @@ async def test_log_keeps_the_batch_order(stub, pool, source) -> None:
         ev.Event(type=ev.EVENT_TYPE_PAGE, user_id="u1", message_id=ids[2]),
     ]
     await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, events=events))
-    rows = await pool.fetch("select message_id from ingest.event_log where source_id = $1 order by xid, seq", sid)
+    rows = await pool.fetch(
+        "select message_id from ingest.event_log where source_id = $1 order by xid, seq", sid
+    )
     assert [r["message_id"] for r in rows] == ids

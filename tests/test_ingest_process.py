@@ -54,8 +54,13 @@ async def test_two_workers_share_the_port_and_the_metrics(pool: asyncpg.Pool, da
 
         async def write(i: int) -> int:
             stub = pb_grpc.IngestServiceStub(channels[i % len(channels)])
-            events = [ev.Event(type=ev.EVENT_TYPE_TRACK, event="E", user_id="u", message_id=f"p{i}-{j}") for j in range(10)]
-            resp = await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, events=events), wait_for_ready=True, timeout=30)
+            events = [
+                ev.Event(type=ev.EVENT_TYPE_TRACK, event="E", user_id="u", message_id=f"p{i}-{j}")
+                for j in range(10)
+            ]
+            resp = await stub.WriteEvents(
+                pb.WriteEventsRequest(write_key=key, events=events), wait_for_ready=True, timeout=30
+            )
             return resp.accepted
 
         assert sum(await asyncio.gather(*(write(i) for i in range(30)))) == 300
@@ -64,7 +69,9 @@ async def test_two_workers_share_the_port_and_the_metrics(pool: asyncpg.Pool, da
         assert await pool.fetchval("select count(*) from ingest.events where source_id = $1", sid) == 300
 
         def scrape() -> str:
-            return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            return (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            )
 
         body = await asyncio.to_thread(scrape)
         assert metric(body, 'touchpoint_ingest_messages_total{outcome="accepted"}') == 300
