@@ -59,6 +59,12 @@ test: $(STAMP) tools proto-check lint typecheck ## install what is needed and ru
 
 bench: $(STAMP) ## run the benchmarks (figures go to bench/RESULTS.md by hand)
 	$(PY) -m bench.ingest
+	$(PY) -m bench.identity
+	$(PY) -m bench.attribution
+	$(PY) -m bench.export
+
+load: $(STAMP) ## bench/load: fixed offered rate against the gateway and the gRPC API, zero loss
+	$(PY) -m bench.load --rate 100 --seconds 10
 
 lock: ## rewrite requirements.lock from pyproject.toml in a scratch venv
 	rm -rf /tmp/tp-lock && $(PYTHON_SYS) -m venv /tmp/tp-lock && /tmp/tp-lock/bin/pip install -q '.[dev]' && \
@@ -68,4 +74,4 @@ lock: ## rewrite requirements.lock from pyproject.toml in a scratch venv
 clean: ## remove the venv and local data
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache
 
-.PHONY: help venv run proto proto-check lint fmt typecheck tools test bench migrate lock clean
+.PHONY: help venv run proto proto-check lint fmt typecheck tools test bench load migrate lock clean

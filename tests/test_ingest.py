@@ -358,3 +358,20 @@ async def test_log_keeps_the_batch_order(stub, pool, source) -> None:
         "select message_id from ingest.event_log where source_id = $1 order by xid, seq", sid
     )
     assert [r["message_id"] for r in rows] == ids
+
+
+async def test_nul_in_message_id_or_write_key_and_extreme_clocks_are_clean_answers(
+    stub, pool, source
+) -> None:
+    key, sid = source
+    resp = await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, events=[track("m\x00x")]))
+    assert [(v.field, v.reason) for v in resp.results[0].violations] == [("messageId", "NUL_CHARACTER")]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.WriteEvents(pb.WriteEventsRequest(write_key="k\x00", events=[track("x")]))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    e = track("clock")
+    e.original_timestamp.FromJsonString("0001-01-01T00:00:00Z")
+    e.sent_at.FromJsonString("9999-12-31T23:59:59Z")
+    resp = await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, events=[e]))
+    assert resp.accepted == 1
+    assert [r["message_id"] for r in await stored(pool, sid)] == ["clock"]

@@ -235,6 +235,8 @@ def prepare(
         bad.append(
             _violation("messageId", "TOO_LONG", f"messageId is longer than {MAX_MESSAGE_ID_CHARS} characters")
         )
+    if "\x00" in message_id:
+        bad.append(_violation("messageId", "NUL_CHARACTER", "messageId contains a NUL character"))
     if msg.ByteSize() > MAX_MESSAGE_BYTES:
         bad.append(
             _violation("message", "TOO_LARGE", f"the message is larger than {MAX_MESSAGE_BYTES} bytes")
@@ -357,7 +359,10 @@ def prepare(
     original = _ts(msg, "original_timestamp") or _ts(msg, "timestamp")
     sent_at = _ts(msg, "sent_at")
     if original is not None and sent_at is not None:
-        timestamp = received_at - (sent_at - original)
+        try:
+            timestamp = received_at - (sent_at - original)
+        except OverflowError:  # device clocks at opposite ends of the calendar
+            timestamp = original
     else:
         timestamp = original or received_at
 

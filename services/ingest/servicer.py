@@ -42,6 +42,8 @@ class SourceCache:
         self._cache: dict[str, tuple[float, Source]] = {}
 
     async def get(self, write_key: str) -> Source | None:
+        if "\x00" in write_key:
+            return None  # Postgres text cannot hold NUL, so no source has such a key
         now = time.monotonic()
         hit = self._cache.get(write_key)
         if hit is not None and hit[0] > now:

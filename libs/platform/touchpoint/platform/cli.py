@@ -58,17 +58,11 @@ DEFAULT_ADDRS = {
 }
 DEFAULT_METRICS_PORTS = {"ingest": 9101, "identity": 9102, "attribution": 9103, "export": 9104}
 
-MODELS = {
-    "first-touch": 1,
-    "last-touch": 2,
-    "last-non-direct": 3,
-    "linear": 4,
-    "position-based": 5,
-    "time-decay": 6,
-    "markov": 7,
-    "shapley": 8,
-}
-DIMENSIONS = {"campaign": 1, "source": 2, "medium": 3, "content": 4, "term": 5, "channel": 6}
+# AttributionService's Model and Dimension values, as the command line spells them.
+MODELS = (
+    "first-touch", "last-touch", "last-non-direct", "linear", "position-based", "time-decay", "markov", "shapley",
+)  # fmt: skip
+DIMENSIONS = ("campaign", "source", "medium", "content", "term", "channel")
 
 
 class CliError(Exception):
@@ -90,27 +84,28 @@ class Endpoints:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Endpoints:
+        """From TOUCHPOINT_* variables; `overrides` (the command line's flags: grpc and metrics
+        by service name, gateway_url, timeout) win where set."""
         env = os.environ if env is None else env
+        grpc_flags = overrides.get("grpc") or {}
+        metrics_flags = overrides.get("metrics") or {}
         addrs = {
-            name: env.get(f"TOUCHPOINT_{name.upper()}_ADDR") or default
+            name: grpc_flags.get(name) or env.get(f"TOUCHPOINT_{name.upper()}_ADDR") or default
             for name, default in DEFAULT_ADDRS.items()
         }
         metrics = {}
         for name, addr in addrs.items():
-            url = env.get(f"TOUCHPOINT_{name.upper()}_METRICS_URL")
+            url = metrics_flags.get(name) or env.get(f"TOUCHPOINT_{name.upper()}_METRICS_URL")
             if not url:
                 port = env.get(f"TOUCHPOINT_{name.upper()}_METRICS_PORT") or str(DEFAULT_METRICS_PORTS[name])
                 url = f"http://{_host(addr)}:{port}/metrics"
             metrics[name] = url
-        gateway = env.get("TOUCHPOINT_GATEWAY_URL") or "http://127.0.0.1:8080"
-        base = cls(grpc=addrs, gateway_url=gateway.rstrip("/"), metrics=metrics)
-        grpc_over = {k: v for k, v in overrides.get("grpc", {}).items() if v}
-        metrics_over = {k: v for k, v in overrides.get("metrics", {}).items() if v}
+        gateway = overrides.get("gateway_url") or env.get("TOUCHPOINT_GATEWAY_URL") or "http://127.0.0.1:8080"
         return cls(
-            grpc={**base.grpc, **grpc_over},
-            gateway_url=(overrides.get("gateway_url") or base.gateway_url).rstrip("/"),
-            metrics={**base.metrics, **metrics_over},
-            timeout=overrides.get("timeout") or base.timeout,
+            grpc=addrs,
+            gateway_url=gateway.rstrip("/"),
+            metrics=metrics,
+            timeout=overrides.get("timeout") or 10.0,
         )
 
 
@@ -259,29 +254,41 @@ async def cmd_status(args: argparse.Namespace, ep: Endpoints, out: TextIO) -> in
         rows.append([s.name, s.address, s.health, metrics, s.detail])
     out.write(table(["SERVICE", "ADDRESS", "HEALTH", "METRICS", "DETAIL"], rows) + "\n")
 
-    lags: dict[tuple[str, str], dict[str, float]] = {}
+    # A consumer's lag, by consumer name: the platform's per-consumer gauges carry a `consumer`
+    # label; a service's own unlabelled gauge (touchpoint_<service>_consumer_lag_*) is named
+    # after the service.
+    lags: dict[str, dict[str, float]] = {}
+    reporters: dict[str, set[str]] = {}
     queued: list[list[Any]] = []
     outbox: dict[str, dict[str, float]] = {}
     for s in grpc_statuses:
         for name, labels, value in s.samples:
             if name.endswith("_consumer_lag_events") or name.endswith("_consumer_lag_seconds"):
-                consumer = labels.get("consumer") or s.name
+                consumer = (
+                    labels.get("consumer") or name.removeprefix("touchpoint_").split("_consumer_lag")[0]
+                )
                 kind = "events" if name.endswith("_events") else "seconds"
-                entry = lags.setdefault((s.name, consumer), {})
+                entry = lags.setdefault(consumer, {})
                 entry[kind] = max(entry.get(kind, 0.0), value)
-            elif name == "touchpoint_ingest_queued_rows":
+                reporters.setdefault(consumer, set()).add(s.name)
+            elif name == "touchpoint_ingest_queued_rows" and s.name == "ingest":
                 queued.append([s.name, int(value)])
-            elif name == "touchpoint_export_outbox_depth":
+            elif name == "touchpoint_export_outbox_depth" and s.name == "export":
                 outbox.setdefault(labels.get("destination", "?"), {})["depth"] = value
-            elif name == "touchpoint_export_outbox_oldest_age_seconds":
+            elif name == "touchpoint_export_outbox_oldest_age_seconds" and s.name == "export":
                 outbox.setdefault(labels.get("destination", "?"), {})["age"] = value
     out.write("\nconsumer lag\n")
     if lags:
         lag_rows = [
-            [svc, consumer, int(v["events"]) if "events" in v else None, v.get("seconds")]
-            for (svc, consumer), v in sorted(lags.items())
+            [
+                consumer,
+                int(v["events"]) if "events" in v else None,
+                v.get("seconds"),
+                ",".join(sorted(reporters[consumer])),
+            ]
+            for consumer, v in sorted(lags.items())
         ]
-        out.write(table(["SERVICE", "CONSUMER", "EVENTS", "SECONDS"], lag_rows, indent="  ") + "\n")
+        out.write(table(["CONSUMER", "EVENTS", "SECONDS", "REPORTED BY"], lag_rows, indent="  ") + "\n")
     else:
         out.write("  (no consumer reports a lag)\n")
     if queued:
@@ -533,14 +540,15 @@ async def cmd_report(args: argparse.Namespace, ep: Endpoints, out: TextIO) -> in
             raise CliError(f"--group-by: {g!r} is not one of {', '.join(DIMENSIONS)}")
     query = apb.ReportQuery(
         space_id=args.space,
-        group_by=[DIMENSIONS[g] for g in group_by],  # type: ignore[misc]
+        group_by=[apb.Dimension.Value("DIMENSION_" + g.upper()) for g in group_by],
         conversion_events=args.event or [],
         currency=args.currency,
         campaign_filter=args.campaign,
     )
     query.start_time.FromDatetime(start)
     query.end_time.FromDatetime(end)
-    request = apb.GetCampaignReportRequest(query=query, model=MODELS[args.model])  # type: ignore[arg-type]
+    model_value = apb.Model.Value("MODEL_" + args.model.upper().replace("-", "_"))
+    request = apb.GetCampaignReportRequest(query=query, model=model_value)
     async with grpc.aio.insecure_channel(ep.grpc["attribution"]) as channel:
         try:
             resp = await apb_grpc.AttributionServiceStub(channel).GetCampaignReport(
@@ -679,9 +687,11 @@ async def cmd_dead_letters(args: argparse.Namespace, ep: Endpoints, out: TextIO)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
     parser = argparse.ArgumentParser(
         prog="touchpoint",
-        description=__doc__.split("\n")[0],
+        description=doc.split("\n")[0],
+        epilog="\n".join(doc.split("\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds a call may take (default 10)")
@@ -693,7 +703,10 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"gRPC address of {name} (TOUCHPOINT_{name.upper()}_ADDR)",
         )
         parser.add_argument(
-            f"--{name}-metrics", dest=f"{name}_metrics", metavar="URL", help=f"{name}'s /metrics URL"
+            f"--{name}-metrics",
+            dest=f"{name}_metrics",
+            metavar="URL",
+            help=f"{name}'s /metrics URL (TOUCHPOINT_{name.upper()}_METRICS_URL)",
         )
     parser.add_argument(
         "--gateway", dest="gateway_url", metavar="URL", help="the gateway (TOUCHPOINT_GATEWAY_URL)"
@@ -726,8 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--from", dest="from_", default="", help="start (date or ISO time; default 30 days ago)"
     )
-    report.add_argument("--to", default="", help="end, exclusive (default now)")
-    report.add_argument("--model", choices=list(MODELS), default="last-non-direct")
+    report.add_argument("--to", metavar="WHEN", default="", help="end, exclusive (default now)")
+    report.add_argument("--model", choices=MODELS, default="last-non-direct")
     report.add_argument("--group-by", default="campaign", help=f"comma-separated: {', '.join(DIMENSIONS)}")
     report.add_argument("--space", default="default")
     report.add_argument("--currency", default="", help="(default USD)")

@@ -56,6 +56,9 @@ DB_DOWN_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.InterfaceError,
+    # Raised when the pool hands back a connection the server already closed (the pool discards
+    # it; MagicStack/asyncpg#784): the database went away, not a bug of ours.
+    asyncpg.exceptions.InternalClientError,
     asyncio.TimeoutError,
 )
 
