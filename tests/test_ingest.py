@@ -375,3 +375,37 @@ async def test_nul_in_message_id_or_write_key_and_extreme_clocks_are_clean_answe
     resp = await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, events=[e]))
     assert resp.accepted == 1
     assert [r["message_id"] for r in await stored(pool, sid)] == ["clock"]
+
+
+async def test_rows_whose_caller_gave_up_are_not_written(pool, source) -> None:
+    """Under overload a call can time out while its rows wait; they must not be committed later
+    (the client retries them), and the caller gets DEADLINE_EXCEEDED, never success."""
+    from datetime import UTC, datetime
+
+    from services.ingest.domain import Prepared, Source, prepare
+    from services.ingest.writer import BatchWriter
+    from touchpoint.platform.errors import ServiceError
+    from touchpoint.platform.testing import eventually
+
+    _, sid = source
+    writer = BatchWriter(pool, concurrency=1)
+    writer.start()
+    src = Source(sid, "default", True)
+    rows = []
+    for mid in ("late1", "late2"):
+        p = prepare(track(mid), source=src, received_at=datetime.now(UTC), client_ip="")
+        assert isinstance(p, Prepared)
+        rows.append(p.row)
+    await writer._slots.acquire()  # the only flush slot is busy
+    try:
+        pending = asyncio.ensure_future(writer.write(rows, timeout=0.05))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await eventually(lambda: loop.time() - start > 0.1)
+    finally:
+        writer._slots.release()
+    with pytest.raises(ServiceError) as err:
+        await pending
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await writer.stop()
+    assert await stored(pool, sid) == []

@@ -147,7 +147,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             rows.append(prepared.row)
 
         if rows:
-            stored = await self.writer.write(rows)
+            stored = await self.writer.write(rows, timeout=context.time_remaining())
             for _, message_id in stored:
                 outcomes[row_index[message_id]] = _ACCEPTED
 

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-from prometheus_client import Gauge, Histogram
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.ingest import store
-from touchpoint.platform.errors import resource_exhausted
+from touchpoint.platform.errors import ServiceError, resource_exhausted
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ FLUSH_SECONDS = Histogram(
     "Time of one group commit (dedup insert + COPY + commit).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+EXPIRED = Counter(
+    "touchpoint_ingest_expired_rows_total",
+    "Rows dropped before writing because their call's deadline passed.",
+)
 QUEUED_ROWS = Gauge(
     "touchpoint_ingest_queued_rows", "Rows waiting for a group commit.", multiprocess_mode="livesum"
 )
@@ -45,6 +50,8 @@ class _Pending:
     rows: list[tuple[Any, ...]]
     future: asyncio.Future[set[Key]]
     keys: list[Key] = field(default_factory=list)
+    # Loop time after which the caller has given up (its gRPC deadline); None: no deadline.
+    deadline: float | None = None
 
 
 class BatchWriter:
@@ -79,7 +86,7 @@ class BatchWriter:
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
 
-    async def write(self, rows: list[tuple[Any, ...]]) -> set[Key]:
+    async def write(self, rows: list[tuple[Any, ...]], timeout: float | None = None) -> set[Key]:
         """Stores rows (distinct keys); returns the keys stored now. Raises when shedding load
         or when the database fails (nothing of this call is then committed)."""
         if self._closing:
@@ -88,8 +95,10 @@ class BatchWriter:
             raise resource_exhausted(
                 "OVERLOADED", f"ingest has {self._queued_rows} rows waiting to be written; retry later", 1.0
             )
-        future: asyncio.Future[set[Key]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[set[Key]] = loop.create_future()
+        deadline = None if timeout is None else loop.time() + timeout
+        self._queue.append(_Pending(rows, future, deadline=deadline))
         self._queued_rows += len(rows)
         QUEUED_ROWS.set(self._queued_rows)
         self._work.set()
@@ -103,10 +112,29 @@ class BatchWriter:
                 await self._slots.acquire()
                 batch: list[_Pending] = []
                 n = 0
+                now = asyncio.get_running_loop().time()
                 while self._queue and (not batch or n + len(self._queue[0].rows) <= self.max_rows):
                     p = self._queue.pop(0)
+                    if p.deadline is not None and p.deadline <= now:
+                        # The caller gave up before its turn: it will retry, so storing its rows
+                        # now would only add work under overload (nothing was committed).
+                        self._queued_rows -= len(p.rows)
+                        EXPIRED.inc(len(p.rows))
+                        if not p.future.done():
+                            p.future.set_exception(
+                                ServiceError(
+                                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "EXPIRED",
+                                    "the call's deadline passed before its rows were written",
+                                )
+                            )
+                        continue
                     batch.append(p)
                     n += len(p.rows)
+                if not batch:
+                    self._slots.release()
+                    QUEUED_ROWS.set(self._queued_rows)
+                    continue
                 self._queued_rows -= n
                 QUEUED_ROWS.set(self._queued_rows)
                 task = asyncio.create_task(self._flush(batch))
