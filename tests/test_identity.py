@@ -195,6 +195,14 @@ async def test_cross_device_journey_is_one_profile(stub: pb_grpc.IdentityService
     assert devices["anon-laptop"].user_agent == "Mozilla/5.0 (Macintosh)"
     assert profile.first_seen_time.ToDatetime(UTC) == T0
     assert profile.last_seen_time.ToDatetime(UTC) == T0 + timedelta(minutes=6)
+    # Identifiers seen again in a later batch keep their first sighting and move their last.
+    seen = {
+        i.identifier.value: (i.first_seen_time.ToDatetime(UTC), i.last_seen_time.ToDatetime(UTC))
+        for i in profile.identifiers
+    }
+    assert seen["anon-laptop"] == (T0, T0 + timedelta(minutes=4))
+    assert seen["anon-phone"] == (T0 + timedelta(minutes=1), T0 + timedelta(minutes=6))
+    assert seen["u-42"] == (T0 + timedelta(minutes=4), T0 + timedelta(minutes=6))
 
     # The whole journey, both devices, anonymous activity included, in time order, paged.
     got: list[ev.Event] = []

@@ -106,7 +106,8 @@ class Rules:
         return r
 
     def order(self, ident: Ident) -> tuple[tuple[int, int, str], str]:
-        return self.rank(ident[0]), ident[1]
+        r = self._rank.get(ident[0])
+        return (self.rank(ident[0]) if r is None else r), ident[1]
 
     @property
     def pattern(self) -> re.Pattern[str] | None:
@@ -255,52 +256,40 @@ class Extractor:
     ) -> tuple[list[Ident], list[Ident]]:
         """(usable identifiers in priority order, blocked ones)."""
         region = self.default_region
-        is_blocked = rules.is_blocked
         usable: dict[Ident, None] = {}
         bad: dict[Ident, None] = {}
-
-        def take(kind: str, value: Any) -> None:
-            norm = normalise(kind, value, region)
-            if norm is None:
-                if isinstance(value, str) and value.strip():
-                    bad[(kind, value.strip())] = None
-            elif is_blocked(norm):
-                bad[(kind, norm)] = None
-            else:
-                usable[(kind, norm)] = None
-
         if user_id:
-            take("user_id", user_id)
+            _take(usable, bad, rules, "user_id", user_id, region)
         if anonymous_id:
-            take("anonymous_id", anonymous_id)
+            _take(usable, bad, rules, "anonymous_id", anonymous_id, region)
         if previous_id:
             # alias: the previous id is taken as the anonymousId the user had before (the
             # common case). A previous *userId* cannot merge anyway: one user_id per profile.
-            take("anonymous_id", previous_id)
+            _take(usable, bad, rules, "anonymous_id", previous_id, region)
         ctx = context or {}
         ctx_traits = ctx.get("traits")
         for t in (traits, ctx_traits if isinstance(ctx_traits, dict) else None):
             if not t:
                 continue
             if "email" in t:
-                take("email", t["email"])
+                _take(usable, bad, rules, "email", t["email"], region)
             if "phone" in t:
-                take("phone", t["phone"])
+                _take(usable, bad, rules, "phone", t["phone"], region)
             for key in self.trait_keys:
                 if key in t:
-                    take(key, t[key])
+                    _take(usable, bad, rules, key, t[key], region)
         device = ctx.get("device")
         if isinstance(device, dict):
             for key, kind in DEVICE_FIELDS:
                 if key in device:
-                    take(kind, device[key])
+                    _take(usable, bad, rules, kind, device[key], region)
         external = ctx.get("externalIds")
         if isinstance(external, list):
             for item in external:
                 if isinstance(item, dict):
                     ext = normalise_kind(item.get("type"))
                     if ext is not None:
-                        take(ext, item.get("id"))
+                        _take(usable, bad, rules, ext, item.get("id"), region)
         out = list(usable) if len(usable) < 2 else sorted(usable, key=rules.order)
         if not bad:
             return out, []
@@ -331,6 +320,28 @@ class Extractor:
             merged_traits,
             device_attrs(ctx) if has_device else {},
         )
+
+
+def _take(
+    usable: dict[Ident, None], bad: dict[Ident, None], rules: Rules, kind: str, value: Any, region: str
+) -> None:
+    if type(value) is str and kind not in _NORMALISED:
+        # The common case (user, anonymous and device ids) without normalise()'s dispatch.
+        norm: str | None = value.strip()
+        if not norm or len(norm) > MAX_VALUE_CHARS or not norm.isprintable():
+            norm = None
+    else:
+        norm = normalise(kind, value, region)
+    if norm is None:
+        if isinstance(value, str) and value.strip():
+            bad[(kind, value.strip())] = None
+    elif rules.is_blocked(norm):
+        bad[(kind, norm)] = None
+    else:
+        usable[(kind, norm)] = None
+
+
+_NORMALISED = frozenset({"email", "phone"})
 
 
 def device_attrs(ctx: Mapping[str, Any]) -> dict[str, str]:
@@ -520,6 +531,10 @@ class Graph:
         # Changes.
         self.changed_idents: set[Ident] = set()
         self.changed_links: set[bytes] = set()
+        # Identifiers and links this graph created (no row yet: the store inserts them without
+        # looking for one; every writer holds the consumer's lock, so none can appear meanwhile).
+        self.new_idents: set[Ident] = set()
+        self.new_links: set[bytes] = set()
         self.changed_components: set[int] = set()
         self.new_components: set[int] = set()
         self.removed_components: set[int] = set()
@@ -623,6 +638,7 @@ class Graph:
                 part.singleton(x, key)
                 self.comp[x] = None
                 self.changed_idents.add(x)
+                self.new_idents.add(x)
             elif key < b:
                 births[x] = key
                 self.changed_idents.add(x)
@@ -645,6 +661,7 @@ class Graph:
         link = LinkState(tuple(idents), key)
         self.links[sk] = link
         self.changed_links.add(sk)
+        self.new_links.add(sk)
         eff = self.effective(link)
         if len(eff) < 2:
             return
@@ -814,7 +831,10 @@ class Graph:
             other = self.links.get(nk)
             if other is None:
                 self.links[nk] = LinkState(rest, ln.first, ln.cut, ln.component)
-                self.removed_links.discard(nk)
+                if nk in self.removed_links:
+                    self.removed_links.discard(nk)  # its row stays, rewritten
+                else:
+                    self.new_links.add(nk)
                 self.changed_links.add(nk)
             elif ln.first < other.first:
                 self.replaced_keys.add(other.first)

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from services.identity.domain import (
     DEVICE_KINDS,
@@ -28,6 +29,16 @@ _LINK_COLUMNS = (
 )
 _IDENT_COLUMNS = """i.kind, i.value, i.profile_id, i.component_id, i.first_time, i.first_message_id,
     i.first_source_id, i.isolated, c.max_time, c.max_message_id, c.max_source_id, c.size"""
+
+
+# Identifiers as one text parameter, "kind\x1fvalue" joined by \x1e: a batch's thousands of
+# identifiers cost one string to encode instead of two arrays checked element by element.
+_UNPACK_IDENTS = """(select split_part(p, E'\\x1f', 1) as kind, split_part(p, E'\\x1f', 2) as value
+    from unnest(string_to_array({}::text, E'\\x1e')) as p) as u"""
+
+
+def pack_idents(idents: Iterable[Ident]) -> str:
+    return _SEP.join([f"{k}\x1f{v}" for k, v in idents])
 
 
 def _key(t: datetime | None, mid: str | None, src: str | None) -> Key | None:
@@ -72,7 +83,7 @@ class PgLoader:
         rows = await self.conn.fetch(
             f"""with hit as (
                     select distinct i.profile_id
-                    from unnest($2::text[], $3::text[]) as u(kind, value)
+                    from {_UNPACK_IDENTS.format("$2")}
                     join identity.identifiers i
                       on i.space_id = $1 and i.kind = u.kind and i.value = u.value)
                 select {_IDENT_COLUMNS}
@@ -80,8 +91,7 @@ class PgLoader:
                 left join identity.components c on c.component_id = i.component_id
                 where i.profile_id in (select profile_id from hit)""",
             self.space_id,
-            [x[0] for x in idents],
-            [x[1] for x in idents],
+            pack_idents(idents),
         )
         _load_ident_rows(graph, rows)
 
@@ -177,7 +187,7 @@ class PgLoader:
 @dataclass(slots=True)
 class _Seen:
     last: datetime
-    attrs: dict[str, str] | None
+    attrs: bytes | None
 
 
 async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Observed] = ()) -> None:
@@ -238,14 +248,20 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
     # Identifiers: what changed, and when each observed one was last seen.
     seen: dict[Ident, _Seen] = {}
     for o in observed:
-        attrs = o.device or None
+        t = o.key[0]
+        device = o.device
+        attrs: bytes | None = None  # serialised once per event, passed to the jsonb codec as is
         for x in o.idents:
+            a = None
+            if device and x[0] in DEVICE_KINDS:
+                if attrs is None:
+                    attrs = orjson.dumps(device)
+                a = attrs
             s = seen.get(x)
-            a = attrs if attrs is not None and x[0] in DEVICE_KINDS else None
             if s is None:
-                seen[x] = _Seen(o.time, a)
-            elif o.time >= s.last:
-                s.last = o.time
+                seen[x] = _Seen(t, a)
+            elif t >= s.last:
+                s.last = t
                 s.attrs = a or s.attrs
     if graph.removed_idents:
         rm = list(graph.removed_idents)
@@ -258,34 +274,45 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
         )
     await _ensure_stages(conn)
     part, isolated, removed = graph.part, graph.isolated, graph.removed_idents
-    prof, birth, root_of = part.prof, part.birth, graph.root_of
-    records = []
+    prof, birth, root_of, new = part.prof, part.birth, graph.root_of, graph.new_idents
+    # New identifiers go straight in by COPY; rows that exist are updated in place (a HOT
+    # update when only the last-seen time changes).
+    inserts = []
+    updates = []
     for x in graph.changed_identifiers() | seen.keys():
         if x in removed:
             continue
         b = birth[x]
         sx = seen.get(x)
-        records.append(
-            (x[0], x[1], prof[x], root_of(x), b[0], b[1], b[2],
-             sx.last if sx else b[0], x in isolated, sx.attrs if sx else None)
-        )  # fmt: skip
-    if records:
-        await conn.copy_records_to_table("identity_stage_identifiers", records=records)
+        if x in new:
+            inserts.append(
+                (space, x[0], x[1], prof[x], root_of(x), b[0], b[1], b[2],
+                 sx.last if sx else b[0], x in isolated, sx.attrs if sx else None)
+            )  # fmt: skip
+        else:
+            updates.append(
+                (x[0], x[1], prof[x], root_of(x), b[0], b[1], b[2],
+                 sx.last if sx else None, x in isolated, sx.attrs if sx else None)
+            )  # fmt: skip
+    if inserts:
+        await conn.copy_records_to_table(
+            "identifiers", schema_name="identity", columns=_IDENT_COPY, records=inserts
+        )
+    if updates:
+        await conn.copy_records_to_table("identity_stage_identifiers", records=updates)
         await conn.execute(
-            """insert into identity.identifiers as i (space_id, kind, value, profile_id, component_id,
-                   first_time, first_message_id, first_source_id, last_time, isolated, attrs)
-               select $1, kind, value, profile_id, component_id, ft, fm, fs, lt, isolated, attrs
-               from identity_stage_identifiers
-               on conflict (space_id, kind, value) do update set
-                   profile_id = excluded.profile_id,
-                   component_id = excluded.component_id,
-                   first_time = excluded.first_time,
-                   first_message_id = excluded.first_message_id,
-                   first_source_id = excluded.first_source_id,
-                   last_time = greatest(i.last_time, excluded.last_time),
-                   isolated = excluded.isolated,
-                   attrs = case when excluded.attrs is not null and excluded.last_time >= i.last_time
-                                then excluded.attrs else i.attrs end""",
+            """update identity.identifiers i set
+                   profile_id = s.profile_id,
+                   component_id = s.component_id,
+                   first_time = s.ft,
+                   first_message_id = s.fm,
+                   first_source_id = s.fs,
+                   last_time = greatest(i.last_time, s.lt),
+                   isolated = s.isolated,
+                   attrs = case when s.attrs is not null and s.lt >= i.last_time
+                                then s.attrs else i.attrs end
+               from identity_stage_identifiers s
+               where i.space_id = $1 and i.kind = s.kind and i.value = s.value""",
             space,
         )
 
@@ -299,25 +326,34 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
         )
     if graph.changed_links:
         find = graph.find
-        links = [
-            (sk, [f"{k}:{v}" for k, v in ln.idents], ln.first[0], ln.first[1], ln.first[2], ln.cut,
-             None if ln.component is None else find(ln.component))
-            for sk in graph.changed_links
-            for ln in (graph.links[sk],)
-        ]  # fmt: skip
-        await conn.copy_records_to_table("identity_stage_links", records=links)
-        await conn.execute(
-            """insert into identity.links (space_id, set_key, idents, first_time, first_message_id,
-                   first_source_id, cut, component_id)
-               select $1, set_key, idents, ft, fm, fs, cut, component_id from identity_stage_links
-               on conflict (space_id, set_key) do update set
-                   first_time = excluded.first_time,
-                   first_message_id = excluded.first_message_id,
-                   first_source_id = excluded.first_source_id,
-                   cut = excluded.cut,
-                   component_id = excluded.component_id""",
-            space,
-        )
+        fresh_links = graph.new_links - graph.removed_links
+        link_inserts = []
+        link_updates = []
+        for sk in graph.changed_links:
+            ln = graph.links[sk]
+            cid = None if ln.component is None else find(ln.component)
+            if sk in fresh_links:
+                link_inserts.append(
+                    (space, sk, [f"{k}:{v}" for k, v in ln.idents], ln.first[0], ln.first[1],
+                     ln.first[2], ln.cut, cid)
+                )  # fmt: skip
+            else:
+                link_updates.append((sk, ln.first[0], ln.first[1], ln.first[2], ln.cut, cid))
+        if link_inserts:
+            await conn.copy_records_to_table(
+                "links", schema_name="identity", columns=_LINK_COPY, records=link_inserts
+            )
+        if link_updates:
+            await conn.execute(
+                """update identity.links l set
+                       first_time = u.ft, first_message_id = u.fm, first_source_id = u.fs,
+                       cut = u.cut, component_id = u.cid
+                   from unnest($2::bytea[], $3::timestamptz[], $4::text[], $5::text[], $6::bool[],
+                               $7::bigint[]) as u(sk, ft, fm, fs, cut, cid)
+                   where l.space_id = $1 and l.set_key = u.sk""",
+                space,
+                *(list(col) for col in zip(*link_updates, strict=True)),
+            )
 
     # Merge log.
     if graph.superseded:
@@ -342,6 +378,29 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
         await _write_observations(conn, space, observed)
 
 
+_IDENT_COPY = (
+    "space_id",
+    "kind",
+    "value",
+    "profile_id",
+    "component_id",
+    "first_time",
+    "first_message_id",
+    "first_source_id",
+    "last_time",
+    "isolated",
+    "attrs",
+)
+_LINK_COPY = (
+    "space_id",
+    "set_key",
+    "idents",
+    "first_time",
+    "first_message_id",
+    "first_source_id",
+    "cut",
+    "component_id",
+)
 _MERGE_LOG_COPY = (
     "space_id",
     "action",
@@ -360,9 +419,6 @@ _STAGES = """
 create temp table if not exists identity_stage_identifiers (
     kind text, value text, profile_id text, component_id bigint, ft timestamptz, fm text, fs text,
     lt timestamptz, isolated bool, attrs jsonb) on commit delete rows;
-create temp table if not exists identity_stage_links (
-    set_key bytea, idents text[], ft timestamptz, fm text, fs text, cut bool, component_id bigint)
-    on commit delete rows;
 create temp table if not exists identity_stage_traits (
     kind text, value text, key text, value_json jsonb, t timestamptz, mid text, src text)
     on commit delete rows;
