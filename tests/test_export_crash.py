@@ -183,7 +183,8 @@ async def test_killed_mid_batch_and_restarted_loses_nothing_and_sends_once(
             )
 
         await eventually(settled, timeout=10)
-        # Resends happen only for rows that were leased (on the wire) at the kill, at most one each.
+        # Resends happen only for rows that were leased at the kill (on the wire, or handed by intake
+        # to a lane and waiting to be sent), at most one each.
         for platform, key in ((r.meta, "Purchase:{}"), (r.google, "{}")):
             resent = {k: n for k, n in platform.deliveries.items() if n > 1}
             assert all(n == 2 for n in resent.values()), resent

@@ -99,6 +99,27 @@ async def test_meta_batch_is_hashed_and_counted_once(
     assert receivers.problems == []
 
 
+@pytest.mark.parametrize(
+    "user_data",
+    [
+        {"em": "A" * 64},  # upper case: not as Meta hashes
+        {"em": "a" * 63},
+        {"em": "a" * 64 + "," + "b" * 64},  # two digests in one value
+        {"em": "a" * 63 + ",", "ph": "b" * 64},
+        {"nickname": "a" * 64},  # not a key Meta hashes
+    ],
+)
+def test_meta_refuses_user_data_that_is_not_one_digest_per_key(
+    receivers: Receivers, user_data: dict[str, str]
+) -> None:
+    with pytest.raises(Rejected) as err:
+        meta(receivers).prepare(outgoing(1, meta_user_data=user_data), NOW)
+    assert err.value.result.reason == "USER_DATA_NOT_HASHED"
+    assert meta(receivers).prepare(outgoing(1, meta_user_data={"em": "a" * 64}), NOW)["user_data"]["em"] == (
+        "a" * 64
+    )
+
+
 async def test_meta_bad_rows_never_sink_a_batch(receivers: Receivers, session: aiohttp.ClientSession) -> None:
     dest = meta(receivers)
     with pytest.raises(Rejected) as err:

@@ -47,6 +47,10 @@ class ExportSettings:
     # Whether this replica keeps export.clicks from the event log.
     consume_clicks: bool = True
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    # Worker processes sharing the port (SO_REUSEPORT: the kernel spreads client connections over
+    # them), each with its own intake and delivery lanes. Intake's per-row work is CPU-bound
+    # Python, so where one process is the bottleneck and cores are free, more raise throughput.
+    workers: int = 1
 
     @classmethod
     def from_env(cls) -> ExportSettings:
@@ -77,7 +81,9 @@ class ExportSettings:
                 ),
                 refresh_seconds=env_float("TOUCHPOINT_EXPORT_REFRESH_SECONDS", d.refresh_seconds),
                 maintenance_seconds=env_float("TOUCHPOINT_EXPORT_MAINTENANCE_SECONDS", d.maintenance_seconds),
+                handoff_max_rows=env_int("TOUCHPOINT_EXPORT_HANDOFF_MAX_ROWS", d.handoff_max_rows, minimum=0),
             ),
+            workers=env_int("TOUCHPOINT_EXPORT_WORKERS", 1, minimum=1),
         )
 
     @classmethod
@@ -149,6 +155,7 @@ async def start_export(
         default_region=settings.default_phone_region,
         on_enqueued=deliverer.wake if deliverer else (lambda: None),
         on_destinations_changed=deliverer.reload if deliverer else (lambda: None),
+        handoff=deliverer,
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -160,5 +167,6 @@ async def start_export(
         service_names=[SERVICE_NAME],
         listen=settings.listen,
         metrics_port=settings.metrics_port,
+        reuse_port=settings.workers > 1,
     )
     return ExportApp(handle, deliverer, clicks, tasks)

@@ -4,6 +4,7 @@ fbc value, and the retry schedule. No I/O here."""
 from __future__ import annotations
 
 import math
+import operator
 import random
 import re
 from dataclasses import dataclass, field
@@ -78,6 +79,30 @@ def _ts(msg: pb.OfflineConversion) -> datetime | None:
         return None
 
 
+# Every string field of OfflineConversion, in field-number order, read in one call.
+_STRING_FIELDS = (
+    "order_id", "event_name", "time_zone", "currency", "email", "phone", "first_name", "last_name",
+    "city", "state", "zip", "country", "external_id", "store_id", "gclid", "gbraid", "wbraid", "fbclid",
+    "gender", "date_of_birth",
+)  # fmt: skip
+_strings = operator.attrgetter(*_STRING_FIELDS)
+_CLICK_FIELDS = (*GOOGLE_CLICK_KINDS, "fbclid")
+# Time zone names already checked (a few per store chain).
+_valid_zones: set[str] = set()
+
+
+def _valid_zone(name: str) -> bool:
+    if name in _valid_zones:
+        return True
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    if len(_valid_zones) < 10_000:
+        _valid_zones.add(name)
+    return True
+
+
 def prepare(
     msg: pb.OfflineConversion, *, now: datetime, default_region: str = "US"
 ) -> Prepared | list[Violation]:
@@ -87,17 +112,22 @@ def prepare(
     customer field that cannot be normalised (an unreadable phone) is dropped with a warning,
     because the purchase itself is still worth reporting.
     """
-    bad: list[Violation] = []
-    texts = [(f.name, v) for f, v in msg.ListFields() if isinstance(v, str)]
-    if "\x00" in "".join(v for _, v in texts):
+    values: tuple[str, ...] = _strings(msg)
+    if "\x00" in "".join(values):
         # Postgres text cannot hold NUL: refuse it here rather than fail the batch's commit.
         return [
             Violation(name, "NUL_CHARACTER", f"{name} contains a NUL character")
-            for name, v in texts
+            for name, v in zip(_STRING_FIELDS, values, strict=True)
             if "\x00" in v
         ]
+    (
+        raw_order_id, raw_event_name, raw_time_zone, raw_currency, email, phone, first_name, last_name,
+        city, state, zip_, country, external_id, store_id, gclid, gbraid, wbraid, fbclid, gender,
+        date_of_birth,
+    ) = values  # fmt: skip
+    bad: list[Violation] = []
 
-    order_id = msg.order_id.strip()
+    order_id = raw_order_id.strip()
     if not order_id:
         bad.append(Violation("order_id", "REQUIRED", "order_id is required: it makes the upload idempotent"))
     elif len(order_id) > MAX_ORDER_ID_CHARS:
@@ -105,7 +135,7 @@ def prepare(
             Violation("order_id", "TOO_LONG", f"order_id is longer than {MAX_ORDER_ID_CHARS} characters")
         )
 
-    event_name = msg.event_name.strip() or DEFAULT_EVENT_NAME
+    event_name = raw_event_name.strip() or DEFAULT_EVENT_NAME
     if len(event_name) > MAX_EVENT_NAME_CHARS:
         bad.append(
             Violation(
@@ -119,51 +149,46 @@ def prepare(
     elif event_time > now + MAX_FUTURE:
         bad.append(Violation("event_time", "IN_FUTURE", "event_time is in the future (check the time zone)"))
 
-    time_zone = msg.time_zone.strip()
-    if time_zone:
-        try:
-            ZoneInfo(time_zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            bad.append(Violation("time_zone", "INVALID_TIME_ZONE", f"{time_zone!r} is not an IANA time zone"))
+    time_zone = raw_time_zone.strip()
+    if time_zone and not _valid_zone(time_zone):
+        bad.append(Violation("time_zone", "INVALID_TIME_ZONE", f"{time_zone!r} is not an IANA time zone"))
 
     value: float | None = None
-    currency = msg.currency.strip().upper()
-    if not math.isfinite(msg.value) or msg.value < 0:
+    currency = raw_currency.strip().upper()
+    amount = msg.value
+    if not math.isfinite(amount) or amount < 0:
         bad.append(Violation("value", "INVALID_VALUE", "value must be a non-negative number"))
-    elif msg.value > 0 or currency:
-        value = float(msg.value)
+    elif amount > 0 or currency:
+        value = float(amount)
         if not currency:
             bad.append(Violation("currency", "REQUIRED", "a value needs an ISO 4217 currency"))
     if currency and not _CURRENCY.match(currency):
         bad.append(Violation("currency", "INVALID_CURRENCY", "currency must be an ISO 4217 code like USD"))
 
-    clicks: dict[str, str] = {}
-    for kind in (*GOOGLE_CLICK_KINDS, "fbclid"):
-        raw = getattr(msg, kind).strip()
+    clicks = [gclid, gbraid, wbraid, fbclid]
+    for k, raw in enumerate(clicks):
         if not raw:
-            clicks[kind] = ""
             continue
-        if len(raw) > MAX_CLICK_ID_CHARS or not _CLICK_ID.match(raw):
+        raw = clicks[k] = raw.strip()
+        if raw and (len(raw) > MAX_CLICK_ID_CHARS or not _CLICK_ID.match(raw)):
+            kind = _CLICK_FIELDS[k]
             bad.append(Violation(kind, "INVALID_CLICK_ID", f"{kind} has characters a click id never has"))
-        clicks[kind] = raw
     if bad:
         return bad
     assert event_time is not None
 
-    norm = normalize.normalise_contact(
-        normalize.Contact(
-            email=msg.email,
-            phone=msg.phone,
-            first_name=msg.first_name,
-            last_name=msg.last_name,
-            city=msg.city,
-            state=msg.state,
-            zip=msg.zip,
-            country=msg.country,
-            external_id=msg.external_id,
-            gender=msg.gender,
-            date_of_birth=msg.date_of_birth,
-        ),
+    norm = normalize.normalise_values(
+        email,
+        phone,
+        first_name,
+        last_name,
+        city,
+        state,
+        zip_,
+        country,
+        external_id,
+        gender,
+        date_of_birth,
         default_region,
     )
     return Prepared(
@@ -173,17 +198,17 @@ def prepare(
         time_zone=time_zone,
         value=value,
         currency=currency,
-        store_id=msg.store_id.strip(),
+        store_id=store_id.strip(),
         meta_user_data=norm.meta,
         google_user=norm.google,
-        gclid=clicks["gclid"],
-        gbraid=clicks["gbraid"],
-        wbraid=clicks["wbraid"],
-        fbclid=clicks["fbclid"],
+        gclid=clicks[0],
+        gbraid=clicks[1],
+        wbraid=clicks[2],
+        fbclid=clicks[3],
         email=norm.email,
         phone=norm.phone,
         external_id=norm.external_id,
-        warnings=[Violation(f, r, d) for f, r, d in norm.problems],
+        warnings=[Violation(f, r, d) for f, r, d in norm.problems] if norm.problems else [],
     )
 
 

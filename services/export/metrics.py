@@ -15,7 +15,9 @@ MATCHES = Counter(
     ["status", "reason"],
 )
 MATCH_RATE = Gauge(
-    "touchpoint_export_match_ratio", "Share of conversions accepted by this process that matched a profile."
+    "touchpoint_export_match_ratio",
+    "Share of conversions accepted by this process that matched a profile.",
+    multiprocess_mode="liveall",
 )
 DELIVERED = Counter(
     "touchpoint_export_delivered_total", "Deliveries accepted by a platform.", ["destination"]
@@ -36,9 +38,18 @@ REQUESTS = Counter(
     "Requests to platforms, by HTTP status (0: none).",
     ["destination", "status"],
 )
-OUTBOX_DEPTH = Gauge("touchpoint_export_outbox_depth", "Deliveries pending or being sent.", ["destination"])
+# Read from the database: every worker process reports the same figure; the largest is kept.
+OUTBOX_DEPTH = Gauge(
+    "touchpoint_export_outbox_depth",
+    "Deliveries pending or being sent.",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
 OUTBOX_OLDEST = Gauge(
-    "touchpoint_export_outbox_oldest_age_seconds", "Age of the oldest undelivered delivery.", ["destination"]
+    "touchpoint_export_outbox_oldest_age_seconds",
+    "Age of the oldest undelivered delivery.",
+    ["destination"],
+    multiprocess_mode="livemax",
 )
 LATENCY = Histogram(
     "touchpoint_export_delivery_latency_seconds",

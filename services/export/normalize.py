@@ -28,8 +28,13 @@ _PHONE_SEPARATORS = re.compile(r"[\s().\-/]+")
 _INTERNATIONAL = re.compile(r"^\+[1-9]\d{7,14}$")
 
 
+_COUNTRY_CODES = frozenset(str(code) for code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+
+
 def _known_country_code(digits: str) -> bool:
-    return any(int(digits[:n]) in phonenumbers.COUNTRY_CODE_TO_REGION_CODE for n in (1, 2, 3))
+    """Whether the digits (no leading zero) start with a calling code phonenumbers knows."""
+    codes = _COUNTRY_CODES
+    return digits[:1] in codes or digits[:2] in codes or digits[:3] in codes
 
 
 # Meta user_data keys that are sent as they are, never hashed.
@@ -75,14 +80,14 @@ class NormalisationError(ValueError):
 
 def is_hashed(value: str) -> bool:
     """True for a SHA-256 hex digest: such a value must never be hashed again."""
-    return bool(_HEX64.match(value.strip()))
+    # The length test first: most values are not 64 characters long, and it costs far less.
+    return len(value) >= 64 and bool(_HEX64.match(value.strip()))
 
 
 def sha256_hex(value: str) -> str:
     """SHA-256 of the UTF-8 bytes, lower-case hex; an already-hashed value is passed through."""
-    stripped = value.strip()
-    if _HEX64.match(stripped):
-        return stripped.lower()
+    if is_hashed(value):
+        return value.strip().lower()
     return hashlib.sha256(value.encode("utf-8")).hexdigest()
 
 
@@ -285,63 +290,135 @@ class Normalised:
 
 def normalise_contact(c: Contact, default_region: str = "US") -> Normalised:
     """Normalises and hashes every field of a contact; a bad field is dropped and reported."""
+    return normalise_values(
+        c.email,
+        c.phone,
+        c.first_name,
+        c.last_name,
+        c.city,
+        c.state,
+        c.zip,
+        c.country,
+        c.external_id,
+        c.gender,
+        c.date_of_birth,
+        default_region,
+    )
+
+
+# Normalised-and-hashed values of the fields that repeat from buyer to buyer (names, city, state,
+# zip, country, gender, birth date): (Meta key, raw value, country) -> the hash, or the
+# (reason, description) of why the value was dropped. Emails and phones are not kept (they are
+# unique per buyer). Bounded: emptied when full.
+_MEMO_MAX = 50_000
+_memo: dict[tuple[str, str, str | None], str | tuple[str, str]] = {}
+
+# Raw country (valid ones only) -> (ISO code, its hash): a few hundred values at most.
+_countries: dict[str, tuple[str, str]] = {}
+
+_PER_FIELD: tuple[tuple[str, str, Callable[[str], str]], ...] = (
+    ("first_name", "fn", meta_name),
+    ("last_name", "ln", meta_name),
+    ("city", "ct", meta_city),
+    ("state", "st", meta_state),
+    ("zip", "zp", meta_zip),
+    ("gender", "ge", meta_gender),
+    ("date_of_birth", "db", meta_date_of_birth),
+)
+
+
+def _hashed_field(field: str, fn: Callable[[str], str], raw: str) -> str | tuple[str, str]:
+    """One repeating field, normalised by `fn` and hashed (or passed through when already a
+    hash): the hash, or (reason, description) when it cannot be normalised."""
+    if is_hashed(raw):
+        return raw.strip().lower()
+    try:
+        return _sha(fn(raw))
+    except NormalisationError as err:
+        return (err.reason, f"{field} {err}")
+
+
+def normalise_values(
+    email_: str,
+    phone: str,
+    first_name: str,
+    last_name: str,
+    city: str,
+    state: str,
+    zip_: str,
+    country_: str,
+    external_id_: str,
+    gender: str,
+    date_of_birth: str,
+    default_region: str = "US",
+) -> Normalised:
+    """`normalise_contact` for plain values (the intake path: no Contact object per row)."""
     problems: list[tuple[str, str, str]] = []
     meta: dict[str, str] = {}
     google: dict[str, str] = {}
     plain_email = plain_phone = ext = None
+    memo = _memo
 
-    def attempt(field: str, fn: Callable[[str], str], value: str) -> str | None:
-        try:
-            return fn(value)
-        except NormalisationError as err:
-            problems.append((field, err.reason, f"{field} {err}"))
-            return None
-
-    if c.email.strip():
-        if is_hashed(c.email):
-            meta["em"] = c.email.strip().lower()
+    if email_.strip():
+        if is_hashed(email_):
+            meta["em"] = email_.strip().lower()
         else:
-            plain_email = attempt("email", email, c.email)
-            if plain_email is not None:
+            try:
+                plain_email = email(email_)
+            except NormalisationError as err:
+                problems.append(("email", err.reason, f"email {err}"))
+            else:
                 meta["em"] = _sha(plain_email)
-                google["hashed_email"] = _sha(google_email(plain_email))
-    if c.phone.strip():
-        if is_hashed(c.phone):
-            meta["ph"] = c.phone.strip().lower()
+                g = google_email(plain_email)
+                google["hashed_email"] = meta["em"] if g == plain_email else _sha(g)
+    if phone.strip():
+        if is_hashed(phone):
+            meta["ph"] = phone.strip().lower()
         else:
-            plain_phone = attempt("phone", lambda v: phone_e164(v, default_region), c.phone)
-            if plain_phone is not None:
+            try:
+                plain_phone = phone_e164(phone, default_region)
+            except NormalisationError as err:
+                problems.append(("phone", err.reason, f"phone {err}"))
+            else:
                 meta["ph"] = _sha(plain_phone[1:])
                 google["hashed_phone_number"] = _sha(plain_phone)
     cc = None
-    if c.country.strip():
-        if is_hashed(c.country):
-            meta["country"] = c.country.strip().lower()
+    if country_.strip():
+        if is_hashed(country_):
+            meta["country"] = country_.strip().lower()
         else:
-            cc = attempt("country", country, c.country)
-            if cc is not None:
-                meta["country"] = _sha(cc)
-    per_field: tuple[tuple[str, str, Callable[[str], str]], ...] = (
-        ("first_name", "fn", meta_name),
-        ("last_name", "ln", meta_name),
-        ("city", "ct", meta_city),
-        ("state", "st", meta_state),
-        ("zip", "zp", lambda v: meta_zip(v, cc)),
-        ("gender", "ge", meta_gender),
-        ("date_of_birth", "db", meta_date_of_birth),
-    )
-    for field, key, fn in per_field:
-        raw: str = getattr(c, field)
-        if not raw.strip():
+            hit = _countries.get(country_)
+            if hit is None:
+                try:
+                    code = country(country_)
+                except NormalisationError as err:
+                    problems.append(("country", err.reason, f"country {err}"))
+                else:
+                    hit = (code, _sha(code))
+                    if len(_countries) >= 1000:
+                        _countries.clear()
+                    _countries[country_] = hit
+            if hit is not None:
+                cc, meta["country"] = hit
+    raws = (first_name, last_name, city, state, zip_, gender, date_of_birth)
+    for (field, key, fn), raw in zip(_PER_FIELD, raws, strict=True):
+        if not raw or not raw.strip():
             continue
-        if is_hashed(raw):
-            meta[key] = raw.strip().lower()
-            continue
-        value = attempt(field, fn, raw)
-        if value is not None:
-            meta[key] = _sha(value)
-    if c.external_id.strip():
-        ext = c.external_id.strip()
+        memo_key = (key, raw, cc if key == "zp" else None)
+        out = memo.get(memo_key)
+        if out is None:
+            rule = fn if key != "zp" else (lambda v: meta_zip(v, cc))
+            out = _hashed_field(field, rule, raw)
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[memo_key] = out
+        if isinstance(out, str):
+            meta[key] = out
+        else:
+            reason, description = out
+            problems.append((field, reason, description))
+    if external_id_.strip():
+        ext = external_id_.strip()
         meta["external_id"] = sha256_hex(ext)
     return Normalised(plain_email, plain_phone, ext, meta, google, problems)
 

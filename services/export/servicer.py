@@ -3,6 +3,7 @@ errors. No SQL here."""
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from collections.abc import Callable
@@ -16,9 +17,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.export import destinations, domain, metrics, store
 from services.export.credentials import CredentialsError, SecretBox
 from services.export.matching import Matcher
+from services.export.outbox import Claimed, Handoff, handed
 from touchpoint.export.v1 import export_service_pb2 as pb
 from touchpoint.export.v1 import export_service_pb2_grpc as pb_grpc
 from touchpoint.platform.errors import ServiceError, Violation, invalid_argument, not_found
+
+log = logging.getLogger(__name__)
 
 _KIND_NAMES = {
     pb.DESTINATION_KIND_META_CAPI: "meta_capi",
@@ -83,6 +87,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         default_region: str,
         on_enqueued: Callable[[], None],
         on_destinations_changed: Callable[[], None],
+        handoff: Handoff | None = None,
     ) -> None:
         self.pool = pool
         self.matcher = matcher
@@ -90,6 +95,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         self.default_region = default_region
         self.on_enqueued = on_enqueued
         self.on_destinations_changed = on_destinations_changed
+        self.handoff = handoff
         self._accepted = 0
         self._matched = 0
 
@@ -113,12 +119,15 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         results = [response.results.add() for _ in range(count)]
         fresh: list[tuple[int, domain.Prepared]] = []
         seen: dict[str, int] = {}
+        repeated: list[tuple[int, int]] = []
+        rejected = 0
         for i, msg in enumerate(request.conversions):
             res = results[i]
             res.order_id = msg.order_id
             prepared = domain.prepare(msg, now=now, default_region=self.default_region)
             if isinstance(prepared, list):
                 res.outcome = pb.OUTCOME_REJECTED
+                rejected += 1
                 for v in prepared:
                     res.violations.add(field=v.field, reason=v.reason, description=v.description)
                     metrics.REJECTIONS.labels(v.field, v.reason).inc()
@@ -127,6 +136,7 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 res.warnings.add(field=w.field, reason=w.reason, description=w.description)
             if prepared.order_id in seen:
                 res.outcome = pb.OUTCOME_DUPLICATE  # repeated within the request: stored once
+                repeated.append((i, seen[prepared.order_id]))
                 continue
             seen[prepared.order_id] = i
             fresh.append((i, prepared))
@@ -136,18 +146,27 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         match_tally: dict[tuple[str, str], int] = {}
         matches: list[store.MatchResult] = []
         if fresh:
-            async with self.pool.acquire() as conn, conn.transaction():
-                existing = await store.existing_orders(conn, space_id, source, [p.order_id for _, p in fresh])
-                new = [(i, p) for i, p in fresh if p.order_id not in existing]
-                rows = [p for _, p in new]
-                matches = await self.matcher.match(conn, space_id, rows)
-                stored = await store.insert_conversions(conn, space_id, source, rows, matches, now)
-                by_order = {p.order_id: m for p, m in zip(rows, matches, strict=True)}
-                ids = [stored[p.order_id] for p in rows if p.order_id in stored]
-                names = [p.event_name for p in rows if p.order_id in stored]
-                queued = await store.enqueue(conn, ids, names)
-            if queued:
+            # Lanes of this process that take the new rows straight from here (no claim).
+            leases = self.handoff.intake_leases() if self.handoff is not None else {}
+            try:
+                existing, rows, matches, stored, queued = await self._store(
+                    space_id, source, fresh, now, leases, merge=False
+                )
+            except asyncpg.UniqueViolationError:
+                # A concurrent request stored one of these order ids after this one looked:
+                # again, skipping what is stored by then.
+                existing, rows, matches, stored, queued = await self._store(
+                    space_id, source, fresh, now, leases, merge=True
+                )
+            by_order = {p.order_id: m for p, m in zip(rows, matches, strict=True)}
+            if any(q.lease_token is None for q in queued):
                 self.on_enqueued()
+            if leases and queued:
+                try:
+                    self._hand_over(leases, queued, rows, by_order, stored, now)
+                except Exception:
+                    # Committed all the same: the rows are claimed when their lease runs out.
+                    log.exception("handing new conversions to delivery failed")
             if len(stored) < len(rows):
                 # Stored meanwhile by a concurrent request with the same order ids.
                 existing.update(
@@ -167,25 +186,16 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
                 else:
                     res.outcome = pb.OUTCOME_DUPLICATE
                     res.name = f"conversions/{existing.get(p.order_id, 0)}"
-        for i in range(count):
-            if results[i].outcome == pb.OUTCOME_DUPLICATE and not results[i].name:
-                first = seen.get(results[i].order_id.strip())
-                if first is not None:
-                    results[i].name = results[first].name
-        tally = {pb.OUTCOME_ACCEPTED: 0, pb.OUTCOME_DUPLICATE: 0, pb.OUTCOME_REJECTED: 0}
-        for res in results:
-            tally[res.outcome] = tally.get(res.outcome, 0) + 1
-        response.accepted = tally[pb.OUTCOME_ACCEPTED]
-        response.duplicates = tally[pb.OUTCOME_DUPLICATE]
-        response.rejected = tally[pb.OUTCOME_REJECTED]
-        response.matched = sum(
-            1
-            for r in results
-            if r.outcome == pb.OUTCOME_ACCEPTED and r.match_status == pb.MATCH_STATUS_MATCHED
-        )
-        for outcome, label in ((pb.OUTCOME_ACCEPTED, "accepted"), (pb.OUTCOME_DUPLICATE, "duplicate"),
-                               (pb.OUTCOME_REJECTED, "rejected")):  # fmt: skip
-            metrics.CONVERSIONS.labels(label).inc(tally[outcome])
+        for i, first in repeated:
+            results[i].name = results[first].name
+        accepted = sum(match_tally.values())
+        response.accepted = accepted
+        response.duplicates = count - accepted - rejected
+        response.rejected = rejected
+        response.matched = sum(n for (status_, _), n in match_tally.items() if status_ == domain.MATCHED)
+        metrics.CONVERSIONS.labels("accepted").inc(accepted)
+        metrics.CONVERSIONS.labels("duplicate").inc(response.duplicates)
+        metrics.CONVERSIONS.labels("rejected").inc(rejected)
         for (status_, reason_), n in match_tally.items():
             metrics.MATCHES.labels(status_, reason_).inc(n)
         self._accepted += response.accepted
@@ -193,6 +203,62 @@ class ExportServicer(pb_grpc.ExportServiceServicer):
         if self._accepted:
             metrics.MATCH_RATE.set(self._matched / self._accepted)
         return response
+
+    async def _store(
+        self,
+        space_id: str,
+        source: str,
+        fresh: list[tuple[int, domain.Prepared]],
+        now: datetime,
+        leases: dict[str, tuple[int, float]],
+        *,
+        merge: bool,
+    ) -> tuple[
+        dict[str, int], list[domain.Prepared], list[store.MatchResult], dict[str, int], list[store.Queued]
+    ]:
+        """One transaction: the new conversions matched, stored and queued. Returns the order ids
+        already stored, the new rows, their matches, order id -> id of those stored now, and the
+        outbox rows."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            existing = await store.existing_orders(conn, space_id, source, [p.order_id for _, p in fresh])
+            rows = [p for _, p in fresh if p.order_id not in existing]
+            matches = await self.matcher.match(conn, space_id, rows)
+            insert = store.insert_conversions if merge else store.copy_conversions
+            stored = await insert(conn, space_id, source, rows, matches, now)
+            ids = [stored[p.order_id] for p in rows if p.order_id in stored]
+            names = [p.event_name for p in rows if p.order_id in stored]
+            queued = await store.enqueue(
+                conn,
+                ids,
+                names,
+                {dest: token for dest, (token, _) in leases.items()},
+                self.handoff.lease_seconds if self.handoff is not None else 0.0,
+            )
+        return existing, rows, matches, stored, queued
+
+    def _hand_over(
+        self,
+        leases: dict[str, tuple[int, float]],
+        queued: list[store.Queued],
+        rows: list[domain.Prepared],
+        by_order: dict[str, store.MatchResult],
+        stored: dict[str, int],
+        now: datetime,
+    ) -> None:
+        """Committed rows leased to this process's lanes go to them with what intake knows."""
+        assert self.handoff is not None
+        by_id = {stored[p.order_id]: p for p in rows if p.order_id in stored}
+        per_dest: dict[str, list[Claimed]] = {}
+        for q in queued:
+            if q.lease_token is None:
+                continue
+            p = by_id[q.conversion_id]
+            per_dest.setdefault(q.destination_id, []).append(
+                handed(q.outbox_id, q.conversion_id, p, by_order[p.order_id], now)
+            )
+        for dest, claimed_rows in per_dest.items():
+            token, deadline = leases[dest]
+            self.handoff.hand_over(dest, token, deadline, claimed_rows)
 
     # --- destinations ----------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -126,17 +126,18 @@ async def insert_conversions(
     matches: Sequence[MatchResult],
     received_at: datetime,
 ) -> dict[str, int]:
-    """Stores conversions whose order id is new; returns order id -> id of those stored now."""
+    """Stores conversions whose order id is new; returns order id -> id of those stored now.
+    A concurrent transaction storing the same order id first makes this one skip it."""
     if not rows:
         return {}
     # One jsonb parameter unpacked by Postgres (jsonb_to_recordset) costs far less per row than
-    # two dozen typed arrays encoded by the driver.
+    # two dozen typed arrays encoded by the driver (orjson writes the datetimes as RFC 3339).
     payload = orjson.dumps(
         [
             {
                 "order_id": r.order_id,
                 "event_name": r.event_name,
-                "event_time": r.event_time.isoformat(),
+                "event_time": r.event_time,
                 "time_zone": r.time_zone,
                 "value": r.value,
                 "currency": r.currency,
@@ -152,7 +153,7 @@ async def insert_conversions(
                 "match_reason": m.reason,
                 "click_kind": m.google.kind if m.google else None,
                 "click_value": m.google.value if m.google else None,
-                "click_time": m.google.first_seen.isoformat() if m.google else None,
+                "click_time": m.google.first_seen if m.google else None,
                 "fbc": m.meta_fbc,
                 "campaign": m.campaign,
             }
@@ -179,25 +180,122 @@ async def insert_conversions(
     return {r["order_id"]: r["id"] for r in stored}
 
 
-async def enqueue(conn: asyncpg.Connection, ids: Sequence[int], event_names: Sequence[str]) -> int:
-    """Queues each new conversion for every enabled destination that takes its event name."""
+_COPY_COLUMNS = [
+    "space_id", "source", "order_id", "event_name", "event_time", "time_zone", "value", "currency", "store_id",
+    "meta_user_data", "google_user", "gclid", "gbraid", "wbraid", "fbclid", "profile_id", "match_status",
+    "match_reason", "click_kind", "click_value", "click_time", "fbc", "campaign", "received_at",
+]  # fmt: skip
+
+
+async def copy_conversions(
+    conn: asyncpg.Connection,
+    space_id: str,
+    source: str,
+    rows: Sequence[Prepared],
+    matches: Sequence[MatchResult],
+    received_at: datetime,
+) -> dict[str, int]:
+    """`insert_conversions` for order ids this transaction has just checked are new: a binary
+    COPY, which costs Postgres half as much per row as unpacking a JSON document. Raises
+    asyncpg.UniqueViolationError (and the transaction is lost) when a concurrent transaction
+    stored one of the order ids meanwhile: the caller then starts again with
+    `insert_conversions`. Returns order id -> id."""
+    if not rows:
+        return {}
+    await conn.copy_records_to_table(
+        "conversions",
+        schema_name="export",
+        columns=_COPY_COLUMNS,
+        records=[
+            (
+                space_id,
+                source,
+                r.order_id,
+                r.event_name,
+                r.event_time,
+                r.time_zone,
+                # As text: the driver would write a float's exact binary expansion to numeric
+                # (0.1000000000000000055...); repr is the shortest form, as JSON would send.
+                None if r.value is None else repr(r.value),
+                r.currency,
+                r.store_id,
+                orjson.dumps(r.meta_user_data),
+                orjson.dumps(r.google_user),
+                r.gclid,
+                r.gbraid,
+                r.wbraid,
+                r.fbclid,
+                m.profile_id,
+                m.status,
+                m.reason,
+                m.google.kind if m.google else None,
+                m.google.value if m.google else None,
+                m.google.first_seen if m.google else None,
+                m.meta_fbc,
+                None if m.campaign is None else orjson.dumps(m.campaign),
+                received_at,
+            )
+            for r, m in zip(rows, matches, strict=True)
+        ],
+    )
+    # This transaction's rows, through the (xid, id) index.
+    stored = await conn.fetch("select order_id, id from export.conversions where xid = pg_current_xact_id()")
+    return {r["order_id"]: r["id"] for r in stored}
+
+
+@dataclass(slots=True)
+class Queued:
+    """An outbox row intake has just inserted (lease_token set: leased to a lane of this process)."""
+
+    outbox_id: int
+    conversion_id: int
+    destination_id: str
+    lease_token: int | None
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    ids: Sequence[int],
+    event_names: Sequence[str],
+    leases: Mapping[str, int] | None = None,
+    lease_seconds: float = 0.0,
+) -> list[Queued]:
+    """Queues each new conversion for every enabled destination that takes its event name.
+
+    `leases` (destination -> token) are lanes of this process that take the new rows directly:
+    those rows are inserted already claimed (state 'sending', first attempt, leased for
+    `lease_seconds` with the token), as `claim` would leave them, and due only when the lease runs
+    out (so claims do not even look at them before). The others are pending, and a NOTIFY wakes
+    the workers.
+
+    `ids` are conversions this transaction has just inserted, so none is queued yet: a plain
+    insert (the unique (conversion_id, destination_id) index would refuse a second one; no
+    ON CONFLICT, whose speculative insertion costs half as much again per row)."""
     if not ids:
-        return 0
-    result = await conn.execute(
-        """insert into export.outbox (conversion_id, destination_id)
-           select c.id, d.id
+        return []
+    leases = leases or {}
+    rows = await conn.fetch(
+        """insert into export.outbox (conversion_id, destination_id, state, attempts, lease_token, lease_until,
+                   next_attempt_at)
+           select c.id, d.id, case when h.token is null then 'pending' else 'sending' end,
+                  case when h.token is null then 0 else 1 end, h.token,
+                  case when h.token is not null then now() + make_interval(secs => $5) end,
+                  case when h.token is not null then now() + make_interval(secs => $5) else now() end
            from unnest($1::bigint[], $2::text[]) as c(id, event_name)
            join export.destinations d
              on d.enabled and (cardinality(d.event_names) = 0 or c.event_name = any(d.event_names))
-           order by c.id, d.id
-           on conflict do nothing""",
+           left join unnest($3::text[], $4::bigint[]) as h(destination_id, token) on h.destination_id = d.id
+           returning id, conversion_id, destination_id, lease_token""",
         list(ids),
         list(event_names),
+        list(leases),
+        list(leases.values()),
+        lease_seconds,
     )
-    count = int(result.split()[-1])
-    if count:
+    queued = [Queued(*r) for r in rows]
+    if any(q.lease_token is None for q in queued):
         await conn.execute(f"notify {NOTIFY_CHANNEL}")
-    return count
+    return queued
 
 
 # --- matching ------------------------------------------------------------------------------------
@@ -325,7 +423,7 @@ async def apply_click_events(conn: asyncpg.Connection, events: list[LogEvent]) -
 
 # --- delivery ------------------------------------------------------------------------------------
 
-_CLAIM_COLUMNS = """o.id as outbox_id, o.attempts, o.retry_base, c.id as conversion_id, c.order_id,
+_CLAIM_COLUMNS = """o.id as outbox_id, o.attempts, o.retry_base, o.reason, c.id as conversion_id, c.order_id,
     c.event_name, c.event_time, c.time_zone, c.value::float8 as value, c.currency, c.store_id,
     c.meta_user_data, c.google_user, c.gclid, c.gbraid, c.wbraid, c.fbclid, c.click_kind, c.click_value,
     c.click_time, c.fbc, c.received_at"""
@@ -339,27 +437,39 @@ async def claim(
     The claim is its own short transaction (FOR UPDATE SKIP LOCKED: replicas never take the same
     rows); the rows stay 'sending' until the lease ends, and sending happens outside any
     transaction, so no transaction stays open across an HTTP call (an open one would hold back
-    the event-log horizon of every consumer in the cluster).
+    the event-log horizon of every consumer in the cluster). A row whose lease ran out (its
+    worker stopped mid-batch) is taken again; it comes back with reason LEASE_EXPIRED.
+
+    The claim is a HOT update (migration 0002: it changes no indexed column), and the rows are
+    reached through their primary key, so its cost does not grow with the outbox's history.
+
+    Delivery bookkeeping commits asynchronously (synchronous_commit off): a claim lost in a
+    crash of Postgres only means its rows are claimed again, and sent again at worst, which the
+    platforms deduplicate by event_id / order id.
     """
-    return await pool.fetch(
-        f"""with due as (
-                select id from export.outbox
-                where destination_id = $1 and state = 'pending' and next_attempt_at <= now()
-                order by next_attempt_at, id
-                limit $2
-                for update skip locked
-            )
-            update export.outbox o
-               set state = 'sending', attempts = o.attempts + 1, lease_token = $4,
-                   lease_until = now() + make_interval(secs => $3)
-              from due, export.conversions c
-             where o.id = due.id and c.id = o.conversion_id
-            returning {_CLAIM_COLUMNS}""",
-        destination_id,
-        limit,
-        lease_seconds,
-        token,
-    )
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("set local synchronous_commit = off")
+        return await conn.fetch(
+            f"""with due as (
+                    select id from export.outbox
+                    where destination_id = $1 and next_attempt_at <= now()
+                      and (state = 'pending' or lease_until < now())
+                    order by next_attempt_at, id
+                    limit $2
+                    for update skip locked
+                )
+                update export.outbox o
+                   set state = 'sending', attempts = o.attempts + 1, lease_token = $4,
+                       lease_until = now() + make_interval(secs => $3),
+                       reason = case when o.state = 'sending' then 'LEASE_EXPIRED' else o.reason end
+                  from export.conversions c
+                 where o.id = any(array(select id from due)) and c.id = o.conversion_id
+                returning {_CLAIM_COLUMNS}""",
+            destination_id,
+            limit,
+            lease_seconds,
+            token,
+        )
 
 
 @dataclass(slots=True)
@@ -374,6 +484,24 @@ class RowUpdate:
     delay_seconds: float = 0.0
 
 
+# One statement per group of rows with the same result (usually one group per batch: all
+# delivered, or all to retry). The rows are reached by primary key (`= any`), never by a join
+# whose plan could turn quadratic. A delivered row's attempt is recorded on the row itself
+# (request_id, delivered_at, reason, detail); every other result also gets an attempts row.
+_COMPLETE = """with held as (
+        update export.outbox
+           set state = $3, reason = $5, detail = $6, lease_token = null, lease_until = null,
+               request_id = $7,
+               next_attempt_at = case when $3 = 'pending' then now() + make_interval(secs => $8) end,
+               delivered_at = case when $3 = 'delivered' then now() else delivered_at end,
+               dead_at = case when $3 = 'dead' then now() else dead_at end
+         where id = any($1::bigint[]) and lease_token = $2 and state = 'sending'
+        returning id, attempts
+    )
+    insert into export.attempts (outbox_id, attempt, request_id, outcome, reason, detail)
+    select id, attempts, $7, $4, $5, $6 from held where $3 <> 'delivered'"""
+
+
 async def complete(
     pool: asyncpg.Pool,
     destination_id: str,
@@ -384,10 +512,19 @@ async def complete(
     http_requests: int,
     duration_ms: float,
     response: str,
-) -> list[int]:
-    """Records the results of a claimed batch in one transaction; returns the ids this worker
-    still held (a row whose lease ran out and was taken by another worker is left to it)."""
+) -> None:
+    """Records the results of a claimed batch in one transaction. A row whose lease ran out and
+    was taken by another worker is left to it (the lease token no longer matches).
+
+    Committed asynchronously (see `claim`): if Postgres crashes before the commit reaches the
+    disk, the rows come back when their lease runs out and are sent again, which the platforms
+    deduplicate by event_id / order id; nothing is lost.
+    """
+    groups: dict[tuple[str, str, str, str, float], list[int]] = {}
+    for u in updates:
+        groups.setdefault((u.state, u.outcome, u.reason, u.detail, u.delay_seconds), []).append(u.outbox_id)
     async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("set local synchronous_commit = off")
         request_id = None
         if http_requests:
             request_id = await conn.fetchval(
@@ -401,75 +538,41 @@ async def complete(
                 duration_ms,
                 response,
             )
-        rows = orjson.dumps(
-            [
-                {
-                    "id": u.outbox_id,
-                    "state": u.state,
-                    "reason": u.reason,
-                    "detail": u.detail,
-                    "delay": u.delay_seconds,
-                }
-                for u in updates
-            ]
-        )
-        held = await conn.fetch(
-            """update export.outbox o
-                  set state = u.state, reason = u.reason, detail = u.detail,
-                      lease_token = null, lease_until = null,
-                      next_attempt_at = case when u.state = 'pending'
-                          then now() + make_interval(secs => u.delay) else o.next_attempt_at end,
-                      delivered_at = case when u.state = 'delivered' then now() else o.delivered_at end,
-                      dead_at = case when u.state = 'dead' then now() else o.dead_at end
-                 from jsonb_to_recordset($1::jsonb) as u(id bigint, state text, reason text, detail text,
-                                                          delay float8)
-                where o.id = u.id and o.lease_token = $2 and o.state = 'sending'
-               returning o.id""",
-            rows,
+        args = [
+            (ids, token, state, outcome, reason, detail, request_id, delay)
+            for (state, outcome, reason, detail, delay), ids in groups.items()
+        ]
+        if len(args) == 1:
+            await conn.execute(_COMPLETE, *args[0])
+        elif args:
+            # Pipelined: one round trip whatever the number of groups.
+            await conn.executemany(_COMPLETE, args)
+
+
+async def release(pool: asyncpg.Pool, token: int, outbox_ids: Sequence[int]) -> None:
+    """Leased rows this worker will not send after all: pending again, due now, their unsent
+    attempt not counted."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("set local synchronous_commit = off")
+        result = await conn.execute(
+            """update export.outbox
+                  set state = 'pending', attempts = attempts - 1, lease_token = null, lease_until = null,
+                      next_attempt_at = now()
+                where id = any($1::bigint[]) and lease_token = $2 and state = 'sending'""",
+            list(outbox_ids),
             token,
         )
-        held_ids = {r["id"] for r in held}
-        mine = [u for u in updates if u.outbox_id in held_ids]
-        if mine:
-            await conn.execute(
-                """insert into export.attempts (outbox_id, attempt, request_id, outcome, reason, detail)
-                   select u.id, u.attempt, $1, u.outcome, u.reason, u.detail
-                   from jsonb_to_recordset($2::jsonb) as u(id bigint, attempt int, outcome text, reason text,
-                                                           detail text)""",
-                request_id,
-                orjson.dumps(
-                    [
-                        {
-                            "id": u.outbox_id,
-                            "attempt": u.attempt,
-                            "outcome": u.outcome,
-                            "reason": u.reason,
-                            "detail": u.detail,
-                        }
-                        for u in mine
-                    ]
-                ),
-            )
-    return sorted(held_ids)
-
-
-async def release_expired_leases(pool: asyncpg.Pool) -> int:
-    """Deliveries whose worker died mid-batch go back to pending (sent again: the platforms
-    deduplicate by event_id / order id)."""
-    result = await pool.execute(
-        """update export.outbox set state = 'pending', lease_token = null, lease_until = null,
-                  next_attempt_at = now(), reason = 'LEASE_EXPIRED'
-           where state = 'sending' and lease_until < now()"""
-    )
-    return int(result.split()[-1])
+        if int(result.split()[-1]):
+            await conn.execute(f"notify {NOTIFY_CHANNEL}")
 
 
 async def outbox_depth(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    """Per destination: deliveries not yet done (pending or sending) and the age of the oldest."""
+    """Per destination: deliveries not yet done (pending or sending) and the age of the oldest.
+    Reads only the rows still waiting (the outbox_due index), not the delivered history."""
     return await pool.fetch(
         """select destination_id, count(*) as depth,
                   coalesce(extract(epoch from now() - min(created_at)), 0)::float8 as oldest_age
-           from export.outbox where state in ('pending', 'sending') group by destination_id"""
+           from export.outbox where next_attempt_at is not null group by destination_id"""
     )
 
 
@@ -505,14 +608,25 @@ async def deliveries_of(pool: asyncpg.Pool, conversion_ids: Sequence[int]) -> li
 async def attempts_of(
     pool: asyncpg.Pool, outbox_ids: Sequence[int], per_delivery: int = 50
 ) -> list[asyncpg.Record]:
+    """Every attempt of each delivery (the last `per_delivery`), oldest first: the attempts rows
+    and, for a delivered row, the delivering attempt kept on the row itself (migration 0002)."""
     return await pool.fetch(
-        """select * from (
-               select a.outbox_id, a.attempt, a.at, a.outcome, a.reason, a.detail,
-                      coalesce(r.http_status, 0) as http_status, coalesce(r.response, '') as response,
-                      row_number() over (partition by a.outbox_id order by a.attempt desc) as rn
-               from export.attempts a left join export.requests r on r.id = a.request_id
-               where a.outbox_id = any($1::bigint[])) t
-           where rn <= $2 order by outbox_id, attempt""",
+        """select n.outbox_id, n.attempt, n.at, n.outcome, n.reason, n.detail,
+                  coalesce(r.http_status, 0) as http_status, coalesce(r.response, '') as response
+           from (
+               select t.*, row_number() over (partition by t.outbox_id order by t.attempt desc) as rn
+               from (
+                   select a.outbox_id, a.attempt, a.at, a.outcome, a.reason, a.detail, a.request_id
+                   from export.attempts a where a.outbox_id = any($1::bigint[])
+                   union all
+                   select o.id, o.attempts, o.delivered_at, 'delivered', o.reason, o.detail, o.request_id
+                   from export.outbox o
+                   where o.id = any($1::bigint[]) and o.state = 'delivered'
+                     and not exists (select 1 from export.attempts a
+                                     where a.outbox_id = o.id and a.attempt = o.attempts)
+               ) t
+           ) n left join export.requests r on r.id = n.request_id
+           where n.rn <= $2 order by n.outbox_id, n.attempt""",
         list(outbox_ids),
         per_delivery,
     )
@@ -525,7 +639,7 @@ async def dead_letters(
         """select o.id, o.conversion_id, c.order_id, o.destination_id, o.reason, o.detail, o.attempts,
                   o.dead_at
            from export.outbox o join export.conversions c on c.id = o.conversion_id
-           where o.state = 'dead' and o.id > $2 and ($1::text is null or o.destination_id = $1)
+           where o.dead_at is not null and o.state = 'dead' and o.id > $2 and ($1::text is null or o.destination_id = $1)
            order by o.id limit $3""",
         destination_id,
         after_id,
@@ -539,7 +653,7 @@ async def replay_dead(pool: asyncpg.Pool, ids: Sequence[int] | None, destination
     result = await pool.execute(
         """update export.outbox set state = 'pending', next_attempt_at = now(), retry_base = attempts,
                   reason = 'REPLAYED', detail = '', dead_at = null
-           where state = 'dead' and ($1::bigint[] is null or id = any($1::bigint[]))
+           where dead_at is not null and state = 'dead' and ($1::bigint[] is null or id = any($1::bigint[]))
              and ($2::text is null or destination_id = $2)""",
         None if ids is None else list(ids),
         destination_id,

@@ -34,9 +34,11 @@ class Outcome(enum.Enum):
     SKIPPED = "skipped"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outgoing:
-    """One conversion on its way to one destination (PII already normalised and hashed)."""
+    """One conversion on its way to one destination (PII already normalised and hashed).
+    Treated as read-only (not frozen: a frozen dataclass costs several times more to build, and
+    one is built per conversion and destination)."""
 
     outbox_id: int
     conversion_id: int

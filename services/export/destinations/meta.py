@@ -40,6 +40,8 @@ MAX_AGE = timedelta(days=62)
 # Clock skew tolerated for an event time in the future.
 MAX_FUTURE = timedelta(minutes=10)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX64_RUN = re.compile(r"[0-9a-f]{64}(?:,[0-9a-f]{64})*")
+_HASHED_KEYS = frozenset(META_HASHED)
 _FBC = re.compile(r"^fb\.1\.\d{13}\.\S+$")
 # Keys that let Meta match a person (at least one is needed).
 _MATCH_KEYS = frozenset({"em", "ph", "external_id", "fbc", "fbp", "madid", "fn", "ln"})
@@ -74,11 +76,19 @@ class MetaCapi:
             raise invalid("EVENT_TOO_OLD", "Meta takes physical_store events up to 62 days old")
         if conv.event_time > now + MAX_FUTURE:
             raise invalid("EVENT_IN_FUTURE", "the event time is in the future")
-        user_data: dict[str, str] = {}
-        for key, value in conv.meta_user_data.items():
-            if key not in META_HASHED or not _HEX64.match(value):
-                raise invalid("USER_DATA_NOT_HASHED", f"user_data.{key} is not a SHA-256 hex digest")
-            user_data[key] = value
+        hashed = conv.meta_user_data
+        # One pass over every value (the common case: all good); the culprit is looked for after.
+        # n runs of 64 hex digits joined by n - 1 commas: no value holds a comma, each is a digest.
+        joined = ",".join(hashed.values())
+        if not (
+            _HASHED_KEYS.issuperset(hashed)
+            and len(joined) == 65 * len(hashed) - 1
+            and _HEX64_RUN.fullmatch(joined)
+        ):
+            for key, value in hashed.items():
+                if key not in _HASHED_KEYS or not _HEX64.match(value):
+                    raise invalid("USER_DATA_NOT_HASHED", f"user_data.{key} is not a SHA-256 hex digest")
+        user_data = dict(hashed)
         if conv.fbc:
             if not _FBC.match(conv.fbc):
                 raise invalid("INVALID_FBC", "fbc must be fb.1.<unix ms>.<fbclid>")
