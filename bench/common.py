@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,14 +13,11 @@ from pathlib import Path
 import grpc
 
 from touchpoint.platform.embedded import start_embedded
+from touchpoint.platform.testing import free_port
+
+__all__ = ["free_port"]
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def bench_postgres() -> tuple[str, object]:

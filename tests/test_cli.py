@@ -8,7 +8,6 @@ import asyncio
 import io
 import re
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,7 @@ from touchpoint.export.v1 import export_service_pb2 as epb
 from touchpoint.export.v1 import export_service_pb2_grpc as epb_grpc
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc
 from touchpoint.platform import cli
-from touchpoint.platform.testing import eventually
+from touchpoint.platform.testing import eventually, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -114,12 +113,6 @@ async def run(stack: Stack, *argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = await asyncio.to_thread(cli.main, [*stack.flags(), *argv], out=out, err=err)
     return code, out.getvalue(), err.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sent_ids(output: str) -> list[str]:

@@ -4,81 +4,24 @@ which the platforms deduplicate by event_id / order id."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
 import grpc
-import orjson
 import pytest
 
 from services.export.credentials import SecretBox
 from tests.export_receivers import Receivers
 from touchpoint.export.v1 import export_service_pb2 as pb
 from touchpoint.export.v1 import export_service_pb2_grpc as pb_grpc
-from touchpoint.platform.testing import eventually
+from touchpoint.platform.testing import ServiceProcess, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 N = 300
 BATCH = 25
-
-
-class ExportProcess:
-    """`python -m services.export` in a child process; its port read from its 'serving' log line."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.port: asyncio.Future[int] | None = None
-        self.log: list[str] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def start(self) -> str:
-        self.port = asyncio.get_running_loop().create_future()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.export", cwd=ROOT, env=self.env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        self._reader = asyncio.create_task(self._read())
-        port = await asyncio.wait_for(self.port, 30)
-        return f"127.0.0.1:{port}"
-
-    async def _read(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None and self.port is not None
-        async for raw in self.proc.stderr:
-            line = raw.decode(errors="replace").strip()
-            self.log.append(line)
-            with contextlib.suppress(orjson.JSONDecodeError, TypeError):
-                doc = orjson.loads(line)
-                if doc.get("msg") == "serving" and not self.port.done():
-                    self.port.set_result(int(doc["port"]))
-        if not self.port.done():
-            self.port.set_exception(
-                RuntimeError("export exited before serving:\n" + "\n".join(self.log[-20:]))
-            )
-
-    async def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        await self.proc.wait()
-        if self._reader is not None:
-            await self._reader
-
-    async def terminate(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 15)
-            except TimeoutError:
-                await self.kill()
-        if self._reader is not None:
-            await self._reader
 
 
 @pytest.fixture
@@ -115,9 +58,9 @@ async def test_killed_mid_batch_and_restarted_loses_nothing_and_sends_once(
     r.meta.delay = 0.15
     r.google.delay = 0.15
     env = export_env(database_url)
-    first = ExportProcess(env)
-    address = await first.start()
-    second = ExportProcess(env)
+    first = ServiceProcess("export", env)
+    address = f"127.0.0.1:{await first.start()}"
+    second = ServiceProcess("export", env)
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.ExportServiceStub(channel)
@@ -194,5 +137,5 @@ async def test_killed_mid_batch_and_restarted_loses_nothing_and_sends_once(
         assert released == leased  # every leased row was tried again once, no other row
         assert r.problems == []
     finally:
-        await second.terminate()
-        await first.terminate()
+        await second.stop()
+        await first.stop()

@@ -12,7 +12,6 @@ import gzip
 import os
 import secrets
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,7 +35,7 @@ from services.ingest.store import create_source
 from touchpoint.ingest.v1 import ingest_service_pb2 as pb
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from touchpoint.platform.errors import ServiceError, resource_exhausted, unavailable
-from touchpoint.platform.testing import eventually
+from touchpoint.platform.testing import eventually, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PIXEL_ROUTE = "/v1/pixel/{type}"
@@ -140,13 +139,6 @@ def sample(name: str, labels: dict[str, str]) -> float:
 
 def requests_count(route: str, code: int) -> float:
     return sample("touchpoint_gateway_http_requests_total", {"route": route, "code": str(code)})
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the routes ----------------------------------------------------------------------------

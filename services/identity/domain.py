@@ -41,7 +41,7 @@ import phonenumbers
 
 # Junk values (empty, "0", "null", "undefined", "[object Object]", ...): the ingest service
 # already refuses them as userId/anonymousId; identity refuses them as any identifier.
-from services.ingest.domain import JUNK_IDS
+from services.ingest.domain import is_junk_id
 
 Ident = tuple[str, str]
 # When an event happened, as the total order the rules are applied in.
@@ -115,9 +115,7 @@ class Rules:
 
     def is_blocked(self, value: str) -> bool:
         """Junk ids (is_junk_id's list, compared the same way) and the space's pattern."""
-        return value.strip().lower() in JUNK_IDS or (
-            self._blocked is not None and self._blocked.search(value) is not None
-        )
+        return is_junk_id(value) or (self._blocked is not None and self._blocked.search(value) is not None)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, base: Rules) -> Rules:
