@@ -10,7 +10,6 @@ transaction, one COPY and one dedup insert for many requests).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,6 +201,5 @@ async def _write_retrying(conn: asyncpg.Connection, rows: list[tuple[Any, ...]])
             # Keys are locked in sorted order, so this needs a writer outside ingest; retry.
             if attempt == 2:
                 raise
-            with contextlib.suppress(Exception):
-                await asyncio.sleep(0.01 * (attempt + 1))
+            await asyncio.sleep(0.01 * (attempt + 1))
     raise AssertionError("unreachable")
