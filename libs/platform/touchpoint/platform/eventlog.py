@@ -55,19 +55,26 @@ NOTIFY_CHANNEL = "touchpoint_event_log"
 
 EVENT_TYPES = ("", "identify", "track", "page", "screen", "group", "alias")
 
-_COLUMNS = """xid::text::bigint as xid, seq, space_id, source_id, message_id, type, user_id,
-    anonymous_id, previous_id, group_id, event, name, timestamp, received_at, properties, traits,
-    context, campaign, click_ids"""
+# Every column of the log, in LogEvent's order (after xid and seq, which every read selects).
+ALL_COLUMNS = """space_id, source_id, message_id, type, user_id, anonymous_id, previous_id, group_id,
+    event, name, timestamp, received_at, properties, traits, context, campaign, click_ids"""
 
 
-# The next batch after a position, below the horizon. Qualified names matter: the output column
-# "xid" is a bigint alias, and ordering by it would sort the whole remaining log on every batch
-# instead of reading the (xid, seq) index in order.
-READ_BATCH = f"""select {_COLUMNS} from ingest.event_log e
+def read_batch_sql(columns: str = ALL_COLUMNS) -> str:
+    """The next batch after a position, below the horizon.
+
+    Qualified names matter: the output column "xid" is a bigint alias, and ordering by it would
+    sort the whole remaining log on every batch instead of reading the (xid, seq) index in order.
+    """
+    select = "e.xid::text::bigint as xid, e.seq" + (f", {columns}" if columns.strip() else "")
+    return f"""select {select} from ingest.event_log e
     where (e.xid, e.seq) > ($1::text::xid8, $2)
       and e.xid < pg_snapshot_xmin(pg_current_snapshot())
     order by e.xid, e.seq
     limit $3"""
+
+
+READ_BATCH = read_batch_sql()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +126,7 @@ class LogEvent:
         )
 
 
-ApplyFn = Callable[[asyncpg.Connection, list[LogEvent]], Awaitable[None]]
+ApplyFn = Callable[[asyncpg.Connection, list[Any]], Awaitable[None]]
 
 
 class LogConsumer:
@@ -127,6 +134,11 @@ class LogConsumer:
 
     ``apply(conn, events)`` runs inside the transaction that also moves the position: it must do
     all its writes on ``conn``. If it raises, nothing of the batch is kept and the batch is retried.
+
+    By default ``events`` are ``LogEvent`` objects with every column. A consumer that needs less
+    passes ``columns`` (an SQL select list over the view, alias ``e``) and ``decode=None``: it then
+    gets the asyncpg records themselves (``xid`` and ``seq`` always included), which saves the
+    decoding of columns it never reads.
     """
 
     def __init__(
@@ -139,6 +151,8 @@ class LogConsumer:
         batch_size: int = 1000,
         idle_wait: float = 0.25,
         lag_interval: float = 5.0,
+        columns: str = ALL_COLUMNS,
+        decode: Callable[[asyncpg.Record], Any] | None = LogEvent.from_record,
     ) -> None:
         self.pool = pool
         self.schema = schema
@@ -147,6 +161,10 @@ class LogConsumer:
         self.batch_size = batch_size
         self.idle_wait = idle_wait
         self.lag_interval = lag_interval
+        if decode is LogEvent.from_record and columns != ALL_COLUMNS:
+            raise ValueError("LogEvent needs every column: pass decode=None with a narrower select list")
+        self.decode = decode
+        self._read_sql = read_batch_sql(columns)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.applied_total = 0
@@ -184,23 +202,19 @@ class LogConsumer:
             )
             if pos is None:
                 raise RuntimeError(f"consumer {self.name} has no position row; call ensure() first")
-            rows = await conn.fetch(
-                READ_BATCH,
-                str(pos["xid"]),
-                pos["seq"],
-                self.batch_size,
-            )
+            rows = await conn.fetch(self._read_sql, str(pos["xid"]), pos["seq"], self.batch_size)
             if not rows:
                 return 0
-            events = [LogEvent.from_record(r) for r in rows]
+            decode = self.decode
+            events = rows if decode is None else [decode(r) for r in rows]
             await self.apply(conn, events)
-            last = events[-1]
+            last = rows[-1]
             await conn.execute(
                 f"update {self.schema}.log_positions set xid = $2, seq = $3, updated_at = now() "
                 "where consumer = $1",
                 self.name,
-                last.xid,
-                last.seq,
+                last["xid"],
+                last["seq"],
             )
         self.applied_total += len(events)
         APPLIED.labels(self.name).inc(len(events))
