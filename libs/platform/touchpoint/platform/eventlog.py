@@ -60,14 +60,14 @@ ALL_COLUMNS = """space_id, source_id, message_id, type, user_id, anonymous_id, p
     event, name, timestamp, received_at, properties, traits, context, campaign, click_ids"""
 
 
-def read_batch_sql(columns: str = ALL_COLUMNS) -> str:
+def read_batch_sql(columns: str = ALL_COLUMNS, log: str = "ingest.event_log") -> str:
     """The next batch after a position, below the horizon.
 
     Qualified names matter: the output column "xid" is a bigint alias, and ordering by it would
     sort the whole remaining log on every batch instead of reading the (xid, seq) index in order.
     """
     select = "e.xid::text::bigint as xid, e.seq" + (f", {columns}" if columns.strip() else "")
-    return f"""select {select} from ingest.event_log e
+    return f"""select {select} from {log} e
     where (e.xid, e.seq) > ($1::text::xid8, $2)
       and e.xid < pg_snapshot_xmin(pg_current_snapshot())
     order by e.xid, e.seq
@@ -139,6 +139,10 @@ class LogConsumer:
     passes ``columns`` (an SQL select list over the view, alias ``e``) and ``decode=None``: it then
     gets the asyncpg records themselves (``xid`` and ``seq`` always included), which saves the
     decoding of columns it never reads.
+
+    ``log`` names another relation read the same way: any view a service publishes with an
+    ``xid xid8`` column of the writing transaction, a ``seq`` bigint and a ``received_at``
+    timestamptz (for example ``export.offline_conversions``).
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class LogConsumer:
         lag_interval: float = 5.0,
         columns: str = ALL_COLUMNS,
         decode: Callable[[asyncpg.Record], Any] | None = LogEvent.from_record,
+        log: str = "ingest.event_log",
     ) -> None:
         self.pool = pool
         self.schema = schema
@@ -164,7 +169,8 @@ class LogConsumer:
         if decode is LogEvent.from_record and columns != ALL_COLUMNS:
             raise ValueError("LogEvent needs every column: pass decode=None with a narrower select list")
         self.decode = decode
-        self._read_sql = read_batch_sql(columns)
+        self.log = log
+        self._read_sql = read_batch_sql(columns, log)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.applied_total = 0
@@ -231,8 +237,8 @@ class LogConsumer:
         """(events not yet applied, capped; seconds since the oldest of them was received)."""
         xid, seq = await self.position()
         row = await self.pool.fetchrow(
-            """select count(*) as n, extract(epoch from now() - min(received_at))::float8 as age
-               from (select received_at from ingest.event_log
+            f"""select count(*) as n, extract(epoch from now() - min(received_at))::float8 as age
+               from (select received_at from {self.log}
                      where (xid, seq) > ($1::text::xid8, $2) limit $3) t""",
             str(xid),
             seq,
