@@ -33,12 +33,16 @@ def row(source_id: str, message_id: str) -> tuple[object, ...]:
             None, None, None, None, None, None)  # fmt: skip
 
 
-def recorder(name: str, seen: list[str]):
+def recorder(name: str, seen: list[str], source_id: str | None = None):
+    """Records the events (of one source, when given) a consumer applies; applying one twice
+    fails the batch on the unique constraint."""
+
     async def apply(conn: asyncpg.Connection, events: list[LogEvent]) -> None:
+        mine = [e for e in events if source_id is None or e.source_id == source_id]
         await conn.executemany(
-            "insert into consumer_test.applied values ($1, $2)", [(name, e.message_id) for e in events]
+            "insert into consumer_test.applied values ($1, $2)", [(name, e.message_id) for e in mine]
         )
-        seen.extend(e.message_id for e in events)
+        seen.extend(e.message_id for e in mine)
 
     return apply
 
@@ -53,11 +57,14 @@ async def mine(pool: asyncpg.Pool, name: str, source_id: str) -> list[str]:
     return sorted(r["message_id"] for r in rows)
 
 
-async def test_late_commit_is_not_skipped(log_pool: asyncpg.Pool) -> None:
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_late_commit_is_not_skipped(log_pool: asyncpg.Pool, partitions: int) -> None:
     src = "src_" + secrets.token_hex(4)
     name = "late_" + secrets.token_hex(4)
     seen: list[str] = []
-    consumer = LogConsumer(log_pool, schema="consumer_test", name=name, apply=recorder(name, seen))
+    consumer = LogConsumer(
+        log_pool, schema="consumer_test", name=name, apply=recorder(name, seen, src), partitions=partitions
+    )
     await consumer.ensure()
     await consumer.catch_up()  # skip past whatever other tests wrote
     seen.clear()
@@ -93,13 +100,14 @@ async def test_late_commit_is_not_skipped(log_pool: asyncpg.Pool) -> None:
     assert await mine(log_pool, name, src) == ["fast-second", "slow-first"]
 
 
-async def test_crash_mid_batch_applies_each_event_once(log_pool: asyncpg.Pool) -> None:
+@pytest.mark.parametrize("partitions", [1, 3])
+async def test_crash_mid_batch_applies_each_event_once(log_pool: asyncpg.Pool, partitions: int) -> None:
     src = "src_" + secrets.token_hex(4)
     name = "crash_" + secrets.token_hex(4)
     async with log_pool.acquire() as conn:
         await store.write_rows(conn, [row(src, f"c{i:03d}") for i in range(25)])
     seen: list[str] = []
-    ok = recorder(name, seen)
+    ok = recorder(name, seen, src)
     calls = 0
 
     async def crashing(conn: asyncpg.Connection, events: list[LogEvent]) -> None:
@@ -109,12 +117,16 @@ async def test_crash_mid_batch_applies_each_event_once(log_pool: asyncpg.Pool) -
         if calls == 2:
             raise RuntimeError("process died before commit")  # ... and lost with the position
 
-    consumer = LogConsumer(log_pool, schema="consumer_test", name=name, apply=crashing, batch_size=10)
+    consumer = LogConsumer(
+        log_pool, schema="consumer_test", name=name, apply=crashing, batch_size=10, partitions=partitions
+    )
     await consumer.ensure()
     with pytest.raises(RuntimeError):
         await consumer.catch_up()
     # A new consumer process with the same name resumes from the durable position.
-    restarted = LogConsumer(log_pool, schema="consumer_test", name=name, apply=ok, batch_size=10)
+    restarted = LogConsumer(
+        log_pool, schema="consumer_test", name=name, apply=ok, batch_size=10, partitions=partitions
+    )
     await restarted.catch_up()
     applied = [m for m in await mine(log_pool, name, src)]
     assert applied == [f"c{i:03d}" for i in range(25)]  # unique constraint: none applied twice
@@ -125,7 +137,7 @@ async def test_run_wakes_on_notify_and_reports_lag(log_pool: asyncpg.Pool) -> No
     name = "run_" + secrets.token_hex(4)
     seen: list[str] = []
     consumer = LogConsumer(
-        log_pool, schema="consumer_test", name=name, apply=recorder(name, seen), idle_wait=5.0
+        log_pool, schema="consumer_test", name=name, apply=recorder(name, seen, src), idle_wait=5.0
     )
     await consumer.ensure()
     await consumer.catch_up()

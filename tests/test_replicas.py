@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
+import pytest
 
 from services.identity.app import IdentitySettings, start_identity
 from services.ingest import store
@@ -136,3 +137,115 @@ async def test_two_identity_replicas_give_the_same_profiles_as_one(pool: asyncpg
         for p in range(40)
     }
     assert {frozenset(v) for v in profiles.values()} == expected
+
+
+def _track(src: str, message_id: str, user: str) -> tuple[object, ...]:
+    now = datetime.now(UTC)
+    return ("default", src, message_id, "track", user, None, None, None, "E", None, now, None, None, now,
+            None, None, None, None, None, None)  # fmt: skip
+
+
+async def test_partitioned_replicas_split_the_log_and_take_over(pool: asyncpg.Pool) -> None:
+    """Four partitions, two replicas: each leases two and applies only its own; each event is
+    applied once; when one replica leaves, the other takes every partition over."""
+    app = await start_ingest(pool, IngestSettings.for_tests())
+    await app.stop()
+    await pool.execute("create schema if not exists replica_test")
+    await pool.execute(
+        """create table if not exists replica_test.split_applied (
+               consumer text, message_id text, replica text not null, primary key (consumer, message_id))"""
+    )
+    name = "split_" + secrets.token_hex(3)
+    src = "src_" + secrets.token_hex(3)
+
+    def apply_as(replica: str):
+        async def apply(conn: asyncpg.Connection, events: list[asyncpg.Record]) -> None:
+            await asyncio.sleep(0.002)  # a little work per batch, so the replicas overlap in time
+            await conn.executemany(
+                "insert into replica_test.split_applied values ($1, $2, $3)",
+                [(name, e["message_id"], replica) for e in events if e["source_id"] == src],
+            )
+
+        return apply
+
+    def replica(member: str) -> LogConsumer:
+        return LogConsumer(
+            pool, schema="replica_test", name=name, apply=apply_as(member), batch_size=40, idle_wait=0.05,
+            columns="source_id, message_id", decode=None, partitions=4, lease_ttl=0.9, member=member,
+        )  # fmt: skip
+
+    a, b = replica("replica-a"), replica("replica-b")
+    await a.ensure()
+    await b.ensure()
+    tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+    try:
+        await eventually(lambda: len(a.owned) == 2 and len(b.owned) == 2, timeout=10)
+        assert sorted(a.owned + b.owned) == [0, 1, 2, 3]
+        async with pool.acquire() as conn:
+            for chunk in range(10):
+                await store.write_rows(conn, [_track(src, f"s{chunk}-{i}", f"user{i}") for i in range(100)])
+
+        async def applied() -> int:
+            return await pool.fetchval(
+                "select count(*) from replica_test.split_applied where consumer = $1", name
+            )
+
+        await eventually(lambda: _eq(applied(), 1000), timeout=30)
+        by_replica = dict(
+            await pool.fetch(
+                """select replica, count(*) from replica_test.split_applied where consumer = $1
+                   group by replica""",
+                name,
+            )
+        )
+        # Both worked, on disjoint partitions (200 users hash into all four).
+        assert by_replica.get("replica-a", 0) > 0 and by_replica.get("replica-b", 0) > 0, by_replica
+
+        b.stop()
+        await tasks[1]
+        await eventually(lambda: a.owned == [0, 1, 2, 3], timeout=10, message="a never took b's partitions")
+        async with pool.acquire() as conn:
+            await store.write_rows(conn, [_track(src, f"late-{i}", f"user{i}") for i in range(300)])
+        await eventually(lambda: _eq(applied(), 1300), timeout=30)
+        late = await pool.fetchval(
+            """select count(*) from replica_test.split_applied
+               where consumer = $1 and message_id like 'late-%' and replica = 'replica-a'""",
+            name,
+        )
+        assert late == 300
+        assert (await a.lag())[0] == 0
+    finally:
+        a.stop()
+        b.stop()
+        await asyncio.gather(*tasks)
+
+
+async def _eq(value: object, expected: object) -> bool:
+    return await value == expected  # type: ignore[misc]
+
+
+async def test_partition_count_can_grow_from_one_but_not_change_after(pool: asyncpg.Pool) -> None:
+    app = await start_ingest(pool, IngestSettings.for_tests())
+    await app.stop()
+    await pool.execute("create schema if not exists replica_test")
+    name = "grow_" + secrets.token_hex(3)
+    src = "src_" + secrets.token_hex(3)
+    seen: list[str] = []
+
+    async def apply(conn: asyncpg.Connection, events: list[LogEvent]) -> None:
+        seen.extend(e.message_id for e in events if e.source_id == src)
+
+    async with pool.acquire() as conn:
+        await store.write_rows(conn, [_track(src, f"g{i}", f"user{i}") for i in range(50)])
+    one = LogConsumer(pool, schema="replica_test", name=name, apply=apply, partitions=1)
+    await one.ensure()
+    await one.catch_up()
+    assert len(seen) == 50
+    async with pool.acquire() as conn:
+        await store.write_rows(conn, [_track(src, f"h{i}", f"user{i}") for i in range(50)])
+    three = LogConsumer(pool, schema="replica_test", name=name, apply=apply, partitions=3)
+    await three.ensure()  # splits: every partition continues from the single position
+    await three.catch_up()
+    assert sorted(seen) == sorted([f"g{i}" for i in range(50)] + [f"h{i}" for i in range(50)])
+    with pytest.raises(RuntimeError, match="cannot be changed"):
+        await LogConsumer(pool, schema="replica_test", name=name, apply=apply, partitions=2).ensure()

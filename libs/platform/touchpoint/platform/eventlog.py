@@ -27,13 +27,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 from prometheus_client import Counter, Gauge
+
+from touchpoint.platform.settings import env_int
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,12 @@ LAG_SECONDS = Gauge(
     "Age of the oldest event a consumer has not applied yet.",
     ["consumer"],
     multiprocess_mode="max",
+)
+OWNED = Gauge(
+    "touchpoint_eventlog_consumer_partitions_owned",
+    "Partitions of the log this replica of a consumer holds a lease on.",
+    ["consumer"],
+    multiprocess_mode="livesum",
 )
 APPLIED = Counter("touchpoint_eventlog_consumer_applied_total", "Events applied, by consumer.", ["consumer"])
 
@@ -128,6 +139,39 @@ class LogEvent:
 
 ApplyFn = Callable[[asyncpg.Connection, list[Any]], Awaitable[None]]
 
+# The key that splits a log between replicas. On the event log it is the event's own device or
+# user key, so one device's events stay in order within one partition.
+DEFAULT_PARTITION_KEYS = {"ingest.event_log": "coalesce(e.anonymous_id, e.user_id, e.message_id)"}
+
+
+def partition_sql(key: str, partitions: int) -> str:
+    """The SQL expression giving a row's partition (0 … partitions-1) from its key."""
+    return f"((hashtext({key}) & 2147483647) % {int(partitions)})"
+
+
+def partitions_from_env(schema: str) -> int:
+    """TOUCHPOINT_<SCHEMA>_LOG_PARTITIONS, else TOUCHPOINT_LOG_PARTITIONS, else 1."""
+    specific = f"TOUCHPOINT_{schema.upper()}_LOG_PARTITIONS"
+    if os.environ.get(specific):
+        return env_int(specific, 1, minimum=1)
+    return env_int("TOUCHPOINT_LOG_PARTITIONS", 1, minimum=1)
+
+
+async def lock_positions(conn: asyncpg.Connection, schema: str, name: str) -> dict[int, tuple[int, int]]:
+    """Locks every position row of a consumer (all its partitions, in a fixed order) until the
+    transaction ends, so no batch of it is half-way; returns partition → (xid, seq)."""
+    rows = await conn.fetch(
+        f"""select consumer, xid, seq, partitions from {schema}.log_positions
+            where split_part(consumer, '#', 1) = $1 order by consumer for update""",
+        name,
+    )
+    base = next((r for r in rows if r["consumer"] == name), None)
+    if base is None:
+        raise RuntimeError(f"consumer {name} has no position row; call ensure() first")
+    if base["partitions"] == 1:
+        return {0: (base["xid"], base["seq"])}
+    return {int(r["consumer"].rsplit("#", 1)[1]): (r["xid"], r["seq"]) for r in rows if r["consumer"] != name}
+
 
 class LogConsumer:
     """Applies the event log, in order, to one consumer's state.
@@ -143,6 +187,21 @@ class LogConsumer:
     ``log`` names another relation read the same way: any view a service publishes with an
     ``xid xid8`` column of the writing transaction, a ``seq`` bigint and a ``received_at``
     timestamptz (for example ``export.offline_conversions``).
+
+    **Replicas.** With ``partitions`` > 1 the log is split by a hash of ``partition_key`` (on the
+    event log: the anonymousId, else the userId), each partition with its own position row
+    ``<name>#<k>``. Replicas of the consumer register in ``<schema>.log_members`` and lease
+    partitions in ``<schema>.log_leases``: each live replica takes its fair share (the first
+    ``partitions % replicas`` of them by member id one more), renews its leases every
+    ``lease_ttl / 3`` seconds, gives surplus ones back when a replica joins, and takes the
+    partitions of a replica whose leases expired. The lease only spreads the work; exactly-once
+    comes from the position row, locked (``FOR UPDATE``) for each batch and moved in the batch's
+    transaction, so even two replicas that both believe they own a partition for a moment apply
+    each of its events once. A consumer started with one partition can later be split (every
+    partition continues from the single position); other changes of the count are refused.
+    Partitions are applied concurrently by different replicas, so ``apply`` must be safe to run
+    concurrently with itself on other partitions (row locks, ``on conflict``, or an advisory
+    lock around the part that is not).
     """
 
     def __init__(
@@ -158,7 +217,13 @@ class LogConsumer:
         columns: str = ALL_COLUMNS,
         decode: Callable[[asyncpg.Record], Any] | None = LogEvent.from_record,
         log: str = "ingest.event_log",
+        partitions: int | None = None,
+        partition_key: str | None = None,
+        lease_ttl: float = 10.0,
+        member: str | None = None,
     ) -> None:
+        if "#" in name:
+            raise ValueError("a consumer name may not contain '#'")
         self.pool = pool
         self.schema = schema
         self.name = name
@@ -170,45 +235,132 @@ class LogConsumer:
             raise ValueError("LogEvent needs every column: pass decode=None with a narrower select list")
         self.decode = decode
         self.log = log
-        self._read_sql = read_batch_sql(columns, log)
+        self.partitions = partitions if partitions is not None else partitions_from_env(schema)
+        if self.partitions < 1:
+            raise ValueError("partitions must be at least 1")
+        self.partition_key = partition_key or DEFAULT_PARTITION_KEYS.get(log, "e.seq::text")
+        self.lease_ttl = lease_ttl
+        self.member = member or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        read = read_batch_sql(columns, log)
+        if self.partitions > 1:
+            read = read.replace(
+                "order by e.xid, e.seq",
+                f"and {partition_sql(self.partition_key, self.partitions)} = $4\n    order by e.xid, e.seq",
+            )
+        self._read_sql = read
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.applied_total = 0
+        # The partitions this replica holds a lease on (all of them until run() rebalances).
+        self.owned: list[int] = list(range(self.partitions))
         # Set while run() waits with nothing to apply (for operators' status and for tests).
         self.idle = asyncio.Event()
 
+    def position_row(self, partition: int) -> str:
+        return self.name if self.partitions == 1 else f"{self.name}#{partition}"
+
     async def ensure(self) -> None:
-        """Creates the positions table and this consumer's row (at the start of the log)."""
-        async with self.pool.acquire() as conn:
+        """Creates the positions, leases and members tables and this consumer's rows (at the
+        start of the log), or splits a one-partition consumer into ``partitions``."""
+        s = self.schema
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Replicas starting together: one at a time (DDL "if not exists" races otherwise).
+            await conn.execute("select pg_advisory_xact_lock(hashtext($1))", f"{s}.log_positions")
             await conn.execute(
-                f"""create table if not exists {self.schema}.log_positions (
+                f"""create table if not exists {s}.log_positions (
                     consumer text primary key,
                     xid bigint not null default 0,
                     seq bigint not null default 0,
                     updated_at timestamptz not null default now())"""
             )
             await conn.execute(
-                f"insert into {self.schema}.log_positions (consumer) values ($1) on conflict do nothing",
+                f"alter table {s}.log_positions add column if not exists partitions int not null default 1"
+            )
+            await conn.execute(
+                f"""create table if not exists {s}.log_leases (
+                    consumer text not null,
+                    partition int not null,
+                    owner text,
+                    expires_at timestamptz not null default '-infinity',
+                    primary key (consumer, partition))"""
+            )
+            await conn.execute(
+                f"""create table if not exists {s}.log_members (
+                    consumer text not null,
+                    member text not null,
+                    seen_at timestamptz not null default now(),
+                    primary key (consumer, member))"""
+            )
+            await conn.execute(
+                f"""insert into {s}.log_positions (consumer, partitions) values ($1, $2)
+                    on conflict do nothing""",
                 self.name,
+                self.partitions,
+            )
+            base = await conn.fetchrow(
+                f"select xid, seq, partitions from {s}.log_positions where consumer = $1 for update",
+                self.name,
+            )
+            assert base is not None
+            if base["partitions"] != self.partitions:
+                if base["partitions"] != 1:
+                    raise RuntimeError(
+                        f"consumer {s}.{self.name} runs with {base['partitions']} partitions; it cannot "
+                        f"be changed to {self.partitions} (only a one-partition consumer can be split)"
+                    )
+                await conn.execute(
+                    f"update {s}.log_positions set partitions = $2, updated_at = now() where consumer = $1",
+                    self.name,
+                    self.partitions,
+                )
+            if self.partitions > 1:
+                # Every partition starts where the consumer stood (the start of the log when new).
+                await conn.execute(
+                    f"""insert into {s}.log_positions (consumer, xid, seq, partitions)
+                        select $1 || '#' || k, $2, $3, $4 from generate_series(0, $4 - 1) k
+                        on conflict do nothing""",
+                    self.name,
+                    base["xid"],
+                    base["seq"],
+                    self.partitions,
+                )
+            await conn.execute(
+                f"""insert into {s}.log_leases (consumer, partition)
+                    select $1, k from generate_series(0, $2 - 1) k on conflict do nothing""",
+                self.name,
+                self.partitions,
             )
 
     async def position(self) -> tuple[int, int]:
-        row = await self.pool.fetchrow(
-            f"select xid, seq from {self.schema}.log_positions where consumer = $1", self.name
+        """The consumer's position; with partitions, the one furthest behind."""
+        rows = await self.pool.fetch(
+            f"select xid, seq from {self.schema}.log_positions where consumer = any($1::text[])",
+            [self.position_row(k) for k in range(self.partitions)],
         )
-        assert row is not None, "call ensure() first"
-        return row["xid"], row["seq"]
+        assert len(rows) == self.partitions, "call ensure() first"
+        return min((r["xid"], r["seq"]) for r in rows)
 
-    async def step(self) -> int:
-        """Applies at most one batch; returns how many events it applied."""
+    async def step(self, partitions: Iterable[int] | None = None) -> int:
+        """Applies at most one batch of each partition (all of them unless given); returns how
+        many events it applied."""
+        total = 0
+        for k in range(self.partitions) if partitions is None else partitions:
+            total += await self._step(k)
+        return total
+
+    async def _step(self, partition: int) -> int:
+        row_name = self.position_row(partition)
         async with self.pool.acquire() as conn, conn.transaction():
             pos = await conn.fetchrow(
                 f"select xid, seq from {self.schema}.log_positions where consumer = $1 for update",
-                self.name,
+                row_name,
             )
             if pos is None:
-                raise RuntimeError(f"consumer {self.name} has no position row; call ensure() first")
-            rows = await conn.fetch(self._read_sql, str(pos["xid"]), pos["seq"], self.batch_size)
+                raise RuntimeError(f"consumer {row_name} has no position row; call ensure() first")
+            args: tuple[Any, ...] = (str(pos["xid"]), pos["seq"], self.batch_size)
+            if self.partitions > 1:
+                args += (partition,)
+            rows = await conn.fetch(self._read_sql, *args)
             if not rows:
                 return 0
             decode = self.decode
@@ -218,7 +370,7 @@ class LogConsumer:
             await conn.execute(
                 f"update {self.schema}.log_positions set xid = $2, seq = $3, updated_at = now() "
                 "where consumer = $1",
-                self.name,
+                row_name,
                 last["xid"],
                 last["seq"],
             )
@@ -234,33 +386,133 @@ class LogConsumer:
         return total
 
     async def lag(self, cap: int = 100_000) -> tuple[int, float]:
-        """(events not yet applied, capped; seconds since the oldest of them was received)."""
-        xid, seq = await self.position()
-        row = await self.pool.fetchrow(
-            f"""select count(*) as n, extract(epoch from now() - min(received_at))::float8 as age
-               from (select received_at from {self.log}
-                     where (xid, seq) > ($1::text::xid8, $2) limit $3) t""",
-            str(xid),
-            seq,
-            cap,
+        """(events not yet applied in any partition, capped; seconds since the oldest of them was
+        received)."""
+        rows = await self.pool.fetch(
+            f"select consumer, xid, seq from {self.schema}.log_positions where consumer = any($1::text[])",
+            [self.position_row(k) for k in range(self.partitions)],
         )
-        assert row is not None
-        events, seconds = int(row["n"]), float(row["age"] or 0.0)
+        by_name = {r["consumer"]: (r["xid"], r["seq"]) for r in rows}
+        where = ""
+        if self.partitions > 1:
+            where = f"and {partition_sql(self.partition_key, self.partitions)} = $4"
+        events, seconds = 0, 0.0
+        for k in range(self.partitions):
+            xid, seq = by_name[self.position_row(k)]
+            args: tuple[Any, ...] = (str(xid), seq, cap)
+            if self.partitions > 1:
+                args += (k,)
+            row = await self.pool.fetchrow(
+                f"""select count(*) as n, extract(epoch from now() - min(received_at))::float8 as age
+                   from (select e.received_at from {self.log} e
+                         where (e.xid, e.seq) > ($1::text::xid8, $2) {where} limit $3) t""",
+                *args,
+            )
+            assert row is not None
+            events += int(row["n"])
+            seconds = max(seconds, float(row["age"] or 0.0))
+        events = min(events, cap)
         LAG_EVENTS.labels(self.name).set(events)
         LAG_SECONDS.labels(self.name).set(seconds)
         return events, seconds
 
+    async def rebalance(self) -> list[int]:
+        """Registers this replica, renews its leases and takes or gives back partitions so that
+        every live replica holds its fair share; returns the partitions it now owns."""
+        s, ttl = self.schema, timedelta(seconds=self.lease_ttl)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"""insert into {s}.log_members (consumer, member) values ($1, $2)
+                    on conflict (consumer, member) do update set seen_at = now()""",
+                self.name,
+                self.member,
+            )
+            await conn.execute(
+                f"delete from {s}.log_members where consumer = $1 and seen_at < now() - $2::interval * 10",
+                self.name,
+                ttl,
+            )
+            live = [
+                r["member"]
+                for r in await conn.fetch(
+                    f"""select member from {s}.log_members
+                        where consumer = $1 and seen_at > now() - $2::interval order by member""",
+                    self.name,
+                    ttl,
+                )
+            ]
+            rank = live.index(self.member) if self.member in live else 0
+            n = max(len(live), 1)
+            fair = self.partitions // n + (1 if rank < self.partitions % n else 0)
+            mine = sorted(
+                r["partition"]
+                for r in await conn.fetch(
+                    f"""update {s}.log_leases set expires_at = now() + $3::interval
+                        where consumer = $1 and owner = $2 returning partition""",
+                    self.name,
+                    self.member,
+                    ttl,
+                )
+            )
+            if len(mine) > fair:
+                surplus, mine = mine[fair:], mine[:fair]
+                await conn.execute(
+                    f"""update {s}.log_leases set owner = null, expires_at = '-infinity'
+                        where consumer = $1 and owner = $2 and partition = any($3::int[])""",
+                    self.name,
+                    self.member,
+                    surplus,
+                )
+            elif len(mine) < fair:
+                taken = await conn.fetch(
+                    f"""update {s}.log_leases l set owner = $2, expires_at = now() + $3::interval
+                        from (select partition from {s}.log_leases
+                              where consumer = $1 and (owner is null or expires_at < now())
+                              order by partition limit $4 for update skip locked) f
+                        where l.consumer = $1 and l.partition = f.partition
+                        returning l.partition""",
+                    self.name,
+                    self.member,
+                    ttl,
+                    fair - len(mine),
+                )
+                mine = sorted(mine + [r["partition"] for r in taken])
+        self.owned = mine
+        OWNED.labels(self.name).set(len(mine))
+        return mine
+
+    async def leave(self) -> None:
+        """Gives this replica's leases back and deregisters it, so others take over at once."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"""update {self.schema}.log_leases set owner = null, expires_at = '-infinity'
+                    where consumer = $1 and owner = $2""",
+                self.name,
+                self.member,
+            )
+            await conn.execute(
+                f"delete from {self.schema}.log_members where consumer = $1 and member = $2",
+                self.name,
+                self.member,
+            )
+        self.owned = []
+
     async def run(self) -> None:
-        """Applies the log until stop(); wakes on NOTIFY from ingest, else polls."""
+        """Applies the log until stop(); wakes on NOTIFY from ingest, else polls. Holds leases
+        on its share of the partitions while it runs."""
         listener: asyncpg.Connection | None = None
 
         def on_notify(*_: Any) -> None:
             self._wake.set()
 
         next_lag = 0.0
+        next_rebalance = 0.0
         loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             try:
+                if loop.time() >= next_rebalance:
+                    await self.rebalance()
+                    next_rebalance = loop.time() + self.lease_ttl / 3
                 if loop.time() >= next_lag:
                     next_lag = loop.time() + self.lag_interval
                     await self.lag()  # exported as metrics
@@ -268,11 +520,12 @@ class LogConsumer:
                     listener = await self.pool.acquire()
                     await listener.add_listener(NOTIFY_CHANNEL, on_notify)
                 self._wake.clear()
-                applied = await self.step()
+                applied = await self.step(self.owned)
                 if applied == 0:
                     self.idle.set()
+                    wait = min(self.idle_wait, max(next_rebalance - loop.time(), 0.0))
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self.idle_wait)
+                        await asyncio.wait_for(self._wake.wait(), wait)
                     self.idle.clear()
             except asyncio.CancelledError:
                 raise
@@ -287,6 +540,8 @@ class LogConsumer:
             with contextlib.suppress(Exception):
                 await listener.remove_listener(NOTIFY_CHANNEL, on_notify)
                 await self.pool.release(listener)
+        with contextlib.suppress(Exception):
+            await self.leave()
 
     def stop(self) -> None:
         self._stopping.set()
