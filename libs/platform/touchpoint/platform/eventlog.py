@@ -38,7 +38,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter, Gauge
 
-from touchpoint.platform.settings import env_int
+from touchpoint.platform.settings import env_float, env_int
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class LogConsumer:
     ``<name>#<k>``. Replicas of the consumer register in ``<schema>.log_members`` and lease
     partitions in ``<schema>.log_leases``: each live replica takes its fair share (the first
     ``partitions % replicas`` of them by member id one more), renews its leases every
-    ``lease_ttl / 3`` seconds, gives surplus ones back when a replica joins, and takes the
+    ``lease_ttl / 3`` seconds (``TOUCHPOINT_LOG_LEASE_SECONDS``, default 10), gives surplus ones back when a replica joins, and takes the
     partitions of a replica whose leases expired. The lease only spreads the work; exactly-once
     comes from the position row, locked (``FOR UPDATE``) for each batch and moved in the batch's
     transaction, so even two replicas that both believe they own a partition for a moment apply
@@ -219,7 +219,7 @@ class LogConsumer:
         log: str = "ingest.event_log",
         partitions: int | None = None,
         partition_key: str | None = None,
-        lease_ttl: float = 10.0,
+        lease_ttl: float | None = None,
         member: str | None = None,
     ) -> None:
         if "#" in name:
@@ -239,7 +239,9 @@ class LogConsumer:
         if self.partitions < 1:
             raise ValueError("partitions must be at least 1")
         self.partition_key = partition_key or DEFAULT_PARTITION_KEYS.get(log, "e.seq::text")
-        self.lease_ttl = lease_ttl
+        self.lease_ttl = (
+            lease_ttl if lease_ttl is not None else env_float("TOUCHPOINT_LOG_LEASE_SECONDS", 10.0)
+        )
         self.member = member or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         read = read_batch_sql(columns, log)
         if self.partitions > 1:
