@@ -11,10 +11,11 @@ People interleave in time, and a fraction F of the events (default 1 %) carries 
 minutes earlier than its place in the log: late events that make their component recompute.
 
 (a) a plain in-memory union-find over the same links (each event's identifiers), the baseline;
-(b) the identity consumer applying the log to Postgres (in this process, uvloop, as the service
-    runs it): events applied per second, and the ratio b/a;
+(b) the identity consumer applying the log to Postgres (in this process, uvloop and the garbage
+    collector's settings as the service runs it): events applied per second, and the ratio b/a;
 (c) ResolveProfile p50/p99 from C concurrent callers against an API replica of the identity
-    service started as its own process (`python -m services.identity`, not consuming), R calls on
+    service started as its own process (`python -m services.identity`, not consuming; --workers W
+    processes behind its port), R calls on
     random identifiers: (c1) alone, then (c2) while a consumer replica (its own process too)
     applies E more events (of other people) loaded after (b).
 CPU is reported per process (this process's consumer, the postgres cluster, the replicas) so a
@@ -47,7 +48,7 @@ from bench.common import (
     wait_grpc,
 )
 from services.identity.app import MIGRATIONS as IDENTITY_MIGRATIONS
-from services.identity.app import IdentitySettings
+from services.identity.app import IdentitySettings, tune_gc
 from services.identity.domain import Extractor
 from services.identity.stitcher import CONSUMER, Stitcher
 from services.ingest.app import MIGRATIONS as INGEST_MIGRATIONS
@@ -280,6 +281,7 @@ async def main(args: argparse.Namespace) -> None:
             batch_size=settings.batch_size,
         )
         await stitcher.consumer.ensure()
+        tune_gc()  # as services.identity's composition root does
         pm = postmaster_pid(handle)
         pids = [pm] if pm else []
         before = cpu_seconds(pids)
@@ -324,17 +326,26 @@ async def main(args: argparse.Namespace) -> None:
                 "TOUCHPOINT_IDENTITY_LISTEN": f"127.0.0.1:{port}",
                 "TOUCHPOINT_IDENTITY_METRICS_PORT": str(metrics_port),
                 "TOUCHPOINT_IDENTITY_CONSUME": "false",
+                "TOUCHPOINT_IDENTITY_WORKERS": str(args.workers),
             },
         )
         procs.append(api)
         wait_grpc(f"127.0.0.1:{port}")
         address = f"127.0.0.1:{port}"
 
+        api_pids = [api.pid]  # cpu_seconds counts its workers too
         snap = server_buckets(metrics_port)
+        cpu0 = sum(cpu_seconds(api_pids).values()), time.process_time()
         rate, lat = await resolve_load(address, people, args.resolves, args.concurrency)
+        cpu1 = sum(cpu_seconds(api_pids).values()), time.process_time()
         print(resolve_line("(c1) ResolveProfile, alone  ", rate, lat, args))
         after = server_buckets(metrics_port)
         print("     server side: " + server_side(after, snap))
+        print(
+            f"     CPU µs per call: identity api ({args.workers} worker(s)) "
+            f"{(cpu1[0] - cpu0[0]) / args.resolves * 1e6:.0f}, "
+            f"caller (this process) {(cpu1[1] - cpu0[1]) / args.resolves * 1e6:.0f}"
+        )
 
         # (c2) the same load while a consumer replica applies `extra` events of new people.
         await copy_events(pool, rows(extra, args.late, args.seed + 1, source, first=people))
@@ -351,13 +362,13 @@ async def main(args: argparse.Namespace) -> None:
         procs.append(consumer)
         wait_grpc(f"127.0.0.1:{c_port}")
         watch = {
-            "identity consumer": consumer.pid,
-            "identity api": api.pid,
-            **({"postgres": pm} if pm else {}),
+            "identity consumer": [consumer.pid],
+            "identity api": api_pids,
+            **({"postgres": [pm]} if pm else {}),
         }
         log_lag = LogConsumer(pool, schema="identity", name=CONSUMER, apply=_nothing)
         start_pos = await log_lag.position()
-        cpu0 = {k: cpu_seconds([p]) for k, p in watch.items()}
+        cpu_w = {k: cpu_seconds(p) for k, p in watch.items()}
         t = time.perf_counter()
         snap = server_buckets(metrics_port)
         rate, lat = await resolve_load(address, people, args.resolves, args.concurrency, seed=8)
@@ -373,13 +384,13 @@ async def main(args: argparse.Namespace) -> None:
             str(end_pos[0]),
             end_pos[1],
         )
-        cpu1 = {k: sum(cpu_seconds([p]).values()) - sum(cpu0[k].values()) for k, p in watch.items()}
+        cpu_used = {k: sum(cpu_seconds(p).values()) - sum(cpu_w[k].values()) for k, p in watch.items()}
         print(resolve_line("(c2) ResolveProfile, with the consumer", rate, lat, args))
         print("     server side: " + server_side(after, snap))
         print(
             f"     meanwhile the consumer process applied {moved:,} events ({moved / window:,.0f} events/s; "
             f"{behind:,} still to apply at the end: {'busy throughout' if behind else 'it finished early'}); "
-            "CPU s during the window: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu1.items())
+            "CPU s during the window: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu_used.items())
         )
         await pool.close()
     finally:
@@ -402,6 +413,9 @@ if __name__ == "__main__":
         "--batch-size", type=int, default=IdentitySettings.batch_size, help="events per consumer transaction"
     )
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent ResolveProfile callers")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes of the API replica (TOUCHPOINT_IDENTITY_WORKERS)"
+    )
     parser.add_argument("--resolves", type=int, default=20_000, help="ResolveProfile calls (each of c1, c2)")
     parser.add_argument(
         "--extra", type=float, default=0.2, help="events applied during (c2), as a fraction of --events"

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
 
 import asyncpg
 import grpc
+import orjson
 import pytest
 
 from services.identity.app import IdentitySettings, start_identity
@@ -18,8 +22,9 @@ from services.ingest.store import create_source
 from touchpoint.events.v1 import event_pb2 as ev
 from touchpoint.ingest.v1 import ingest_service_pb2 as pb
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from touchpoint.platform.db import create_pool
 from touchpoint.platform.eventlog import LogConsumer, LogEvent
-from touchpoint.platform.testing import eventually
+from touchpoint.platform.testing import create_database, eventually
 
 
 async def test_two_consumer_replicas_apply_each_event_once(pool: asyncpg.Pool) -> None:
@@ -249,3 +254,111 @@ async def test_partition_count_can_grow_from_one_but_not_change_after(pool: asyn
     assert sorted(seen) == sorted([f"g{i}" for i in range(50)] + [f"h{i}" for i in range(50)])
     with pytest.raises(RuntimeError, match="cannot be changed"):
         await LogConsumer(pool, schema="replica_test", name=name, apply=apply, partitions=2).ensure()
+
+
+# What each consumer leaves behind, in forms that do not depend on the order in which the
+# replicas happened to apply the log: identity's partition of identifiers into profiles and their
+# traits, attribution's touches and conversions, export's clicks.
+REPLICA_EFFECTS = {
+    "identity profiles": """select (select array_agg(i2.kind || ':' || i2.value order by i2.kind, i2.value)
+            from identity.identifiers i2 where i2.profile_id = i.profile_id) as members
+        from identity.identifiers i group by profile_id order by members""",
+    "identity traits": """select space_id, kind, value, key, value_json::text, "time", message_id
+        from identity.traits order by space_id, kind, value, key""",
+    "attribution touches": """select * from attribution.touches
+        order by space_id, generation, source_id, message_id""",
+    "attribution conversions": """select * from attribution.conversions
+        order by space_id, generation, conversion_id""",
+    "export clicks": """select space_id, holder_kind, holder, kind, value, first_seen, campaign::text
+        from export.clicks order by space_id, holder_kind, holder, kind, value""",
+}
+
+
+def _with_clicks(events: list[ev.Event]) -> list[ev.Event]:
+    """The fault tests' journeys plus ad clicks (gclid, fbclid) landing on some devices."""
+    out = list(events)
+    t0 = datetime(2026, 3, 2, tzinfo=UTC)
+    for u in range(0, 150, 3):
+        e = ev.Event(type=ev.EVENT_TYPE_PAGE, anonymous_id=f"anon-{u}-laptop", message_id=f"{u}-click")
+        kind = "gclid" if u % 2 else "fbclid"
+        e.context_json = orjson.dumps(
+            {"page": {"url": f"https://shop.example/?{kind}=c{u}&utm_source=ads&utm_campaign=spring"}}
+        )
+        e.original_timestamp.FromDatetime(t0 + timedelta(minutes=u))
+        out.append(e)
+    return out
+
+
+@pytest.mark.timeout(110)
+async def test_two_replicas_of_every_consumer_end_like_one(
+    pg_server_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same log into two databases: one replica of identity, attribution and export on the
+    first; two replicas of each, splitting the log into four partitions, on the second."""
+    from services.attribution.app import AttributionSettings, start_attribution
+    from services.export.app import ExportSettings, start_export
+    from tests.test_faults import journeys, write_log
+
+    events = _with_clicks(journeys(users=150))
+    key = "wk_rep_" + secrets.token_hex(6)
+    one_url = await create_database(pg_server_url, "tp_replicas_one")
+    two_url = await create_database(pg_server_url, "tp_replicas_two")
+    one_pool = await create_pool(one_url, max_size=8)
+    two_pool = await create_pool(two_url, max_size=12)
+    try:
+
+        async def run_stack(
+            pool: asyncpg.Pool,
+            replicas: int,
+            before_log: Callable[[list[LogConsumer]], Awaitable[None]] | None = None,
+        ) -> dict[str, list[tuple[Any, ...]]]:
+            ingest = await start_ingest(pool, IngestSettings.for_tests())
+            apps: list[Any] = []
+            consumers: list[LogConsumer] = []  # the event log's consumers of every replica
+            for _ in range(replicas):
+                identity = await start_identity(pool, IdentitySettings.for_tests(ingest.address))
+                attribution = await start_attribution(pool, AttributionSettings.for_tests())
+                export = await start_export(pool, ExportSettings.for_tests(deliver=False))
+                apps += [identity, attribution, export]
+                assert export.clicks is not None
+                consumers += [identity.stitcher.consumer, attribution.consumer, export.clicks]
+            try:
+                if before_log is not None:
+                    await before_log(consumers)
+                await ingest.stop()
+                await write_log(pool, key, events)
+                for c in consumers:
+                    await eventually(partial(_zero_lag, c), timeout=60, message=f"{c.name} never caught up")
+                if replicas > 1:
+                    by_name: dict[str, list[int]] = {}
+                    for c in consumers:
+                        by_name.setdefault(c.name, []).append(c.applied_total)
+                    for name, totals in by_name.items():
+                        # Each replica applied part of the log, and together each event once.
+                        assert all(t > 0 for t in totals), (name, totals)
+                return {k: [tuple(r) for r in await pool.fetch(sql)] for k, sql in REPLICA_EFFECTS.items()}
+            finally:
+                for a in apps:
+                    await a.stop()
+                await ingest.stop()
+
+        async def split_evenly(consumers: list[LogConsumer]) -> None:
+            await eventually(
+                lambda: all(len(c.owned) == 2 for c in consumers), timeout=30, message="leases never split"
+            )
+
+        monkeypatch.setenv("TOUCHPOINT_LOG_PARTITIONS", "1")
+        one = await run_stack(one_pool, 1)
+        monkeypatch.setenv("TOUCHPOINT_LOG_PARTITIONS", "4")
+        monkeypatch.setenv("TOUCHPOINT_LOG_LEASE_SECONDS", "1.5")
+        two = await run_stack(two_pool, 2, split_evenly)
+    finally:
+        await one_pool.close()
+        await two_pool.close()
+    for name in REPLICA_EFFECTS:
+        assert one[name], f"{name}: nothing to compare"
+        assert two[name] == one[name], f"{name} differ between two replicas and one"
+
+
+async def _zero_lag(consumer: LogConsumer) -> bool:
+    return (await consumer.lag())[0] == 0

@@ -26,6 +26,8 @@ from touchpoint.platform.settings import env_float, env_int, env_str
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Published by the identity service: events erased for GDPR.
+ERASURE_LOG = "identity.erased_events"
 SERVICE_NAME = export_service_pb2.DESCRIPTOR.services_by_name["ExportService"].full_name
 
 
@@ -46,6 +48,11 @@ class ExportSettings:
     deliver: bool = True
     # Whether this replica keeps export.clicks from the event log.
     consume_clicks: bool = True
+    # Whether this replica drops what export derived from events identity erased (GDPR,
+    # identity.erased_events). Waits for the view when identity has not created it yet.
+    consume_erasures: bool = True
+    # Seconds between checks for identity.erased_events while it does not exist yet.
+    erasures_wait_seconds: float = 5.0
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     # Worker processes sharing the port (SO_REUSEPORT: the kernel spreads client connections over
     # them), each with its own intake and delivery lanes. Intake's per-row work is CPU-bound
@@ -63,6 +70,8 @@ class ExportSettings:
             click_window_days=env_int("TOUCHPOINT_EXPORT_CLICK_WINDOW_DAYS", 90, minimum=1),
             deliver=env_str("TOUCHPOINT_EXPORT_DELIVER", "true").lower() in ("1", "true", "yes"),
             consume_clicks=env_str("TOUCHPOINT_EXPORT_CONSUME_CLICKS", "true").lower()
+            in ("1", "true", "yes"),
+            consume_erasures=env_str("TOUCHPOINT_EXPORT_CONSUME_ERASURES", "true").lower()
             in ("1", "true", "yes"),
             delivery=DeliverySettings(
                 poll_interval_seconds=env_float("TOUCHPOINT_EXPORT_POLL_SECONDS", d.poll_interval_seconds),
@@ -107,7 +116,10 @@ class ExportApp:
     handle: ServerHandle
     deliverer: Deliverer | None
     clicks: LogConsumer | None
+    erasures: LogConsumer | None
     tasks: list[asyncio.Task[None]]
+    # Set by stop(): ends the wait for identity's erasure log.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def address(self) -> str:
@@ -116,8 +128,10 @@ class ExportApp:
     async def stop(self, grace: float = 1.0) -> None:
         """Drains in-flight calls, lets in-flight deliveries record their results, stops."""
         await self.handle.stop(grace)
-        if self.clicks is not None:
-            self.clicks.stop()
+        self.stopping.set()
+        for consumer in (self.clicks, self.erasures):
+            if consumer is not None:
+                consumer.stop()
         if self.deliverer is not None:
             await self.deliverer.stop()
         for task in self.tasks:
@@ -143,6 +157,24 @@ async def start_export(
         tasks.append(asyncio.create_task(clicks.run(), name="export-clicks"))
     elif settings.consume_clicks:
         log.warning("ingest.event_log does not exist: no clicks will be matched until it does")
+    stopping = asyncio.Event()
+    erasures = None
+    if settings.consume_erasures:
+        erasures = LogConsumer(
+            pool,
+            schema="export",
+            name="export-erasures",
+            log=ERASURE_LOG,
+            columns="space_id, source_id, message_id, profile_id",
+            decode=None,
+            apply=store.apply_erasures,
+        )
+        tasks.append(
+            asyncio.create_task(
+                _consume_erasures(pool, erasures, stopping, settings.erasures_wait_seconds),
+                name="export-erasures",
+            )
+        )
     deliverer = None
     if settings.deliver:
         deliverer = Deliverer(pool, settings.delivery, box)
@@ -169,4 +201,23 @@ async def start_export(
         metrics_port=settings.metrics_port,
         reuse_port=settings.workers > 1,
     )
-    return ExportApp(handle, deliverer, clicks, tasks)
+    return ExportApp(handle, deliverer, clicks, erasures, tasks, stopping)
+
+
+async def _consume_erasures(
+    pool: asyncpg.Pool, consumer: LogConsumer, stopping: asyncio.Event, wait: float
+) -> None:
+    """Runs the erasure consumer once identity has published its log (services start in any
+    order): erasures must not be missed, so this waits instead of giving up."""
+    warned = False
+    while not await store.relation_exists(pool, ERASURE_LOG):
+        if not warned:
+            log.warning("%s does not exist yet: erasures wait for the identity service", ERASURE_LOG)
+            warned = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), wait)
+        if stopping.is_set():
+            return
+    await consumer.ensure()
+    if not stopping.is_set():
+        await consumer.run()

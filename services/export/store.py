@@ -386,8 +386,9 @@ async def clicks_of(
 
 
 async def apply_click_events(conn: asyncpg.Connection, events: list[LogEvent]) -> None:
-    """Event-log consumer step: keeps each exportable click id per holder, first seen time kept."""
-    rows: dict[tuple[str, str, str, str, str], tuple[datetime, Any]] = {}
+    """Event-log consumer step: keeps each exportable click id per holder, first seen time kept,
+    and which events it was seen in (export.click_events), skipping events identity erased."""
+    rows: dict[tuple[str, str, str, str, str, str], tuple[str, datetime, Any]] = {}
     for e in events:
         if not e.click_ids:
             continue
@@ -398,27 +399,119 @@ async def apply_click_events(conn: asyncpg.Connection, events: list[LogEvent]) -
             for holder_kind, holder in (("user_id", e.user_id), ("anonymous_id", e.anonymous_id)):
                 if not holder:
                     continue
-                key = (e.space_id, holder_kind, holder, kind, value)
-                if key not in rows or e.timestamp < rows[key][0]:
-                    rows[key] = (e.timestamp, e.campaign or None)
+                key = (e.source_id, e.message_id, holder_kind, kind, value, holder)
+                if key not in rows or e.timestamp < rows[key][1]:
+                    rows[key] = (e.space_id, e.timestamp, e.campaign or None)
     if not rows:
         return
     keys = sorted(rows)
+    # The events' sightings first; the clicks are the earliest sighting per (holder, click id)
+    # among those kept, so an event already erased adds nothing.
     await conn.execute(
-        """insert into export.clicks (space_id, holder_kind, holder, kind, value, first_seen, campaign)
-           select * from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                $6::timestamptz[], $7::jsonb[])
+        """with seen as (
+               insert into export.click_events as ce
+                   (space_id, source_id, message_id, holder_kind, kind, value, holder, seen, campaign)
+               select u.sp, u.src, u.mid, u.hk, u.kind, u.value, u.holder, u.seen, u.campaign
+               from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                           $7::text[], $8::timestamptz[], $9::jsonb[])
+                    as u(src, mid, hk, kind, value, holder, sp, seen, campaign)
+               where not exists (select 1 from export.erased_events x
+                                 where x.source_id = u.src and x.message_id = u.mid)
+               on conflict (source_id, message_id, holder_kind, kind, value) do update
+                 set seen = least(ce.seen, excluded.seen)
+               returning ce.space_id, ce.holder_kind, ce.holder, ce.kind, ce.value, ce.seen, ce.campaign)
+           insert into export.clicks (space_id, holder_kind, holder, kind, value, first_seen, campaign)
+           select distinct on (space_id, holder_kind, holder, kind, value)
+                  space_id, holder_kind, holder, kind, value, seen, campaign
+           from seen
+           order by space_id, holder_kind, holder, kind, value, seen
            on conflict (space_id, holder_kind, holder, kind, value) do update
              set first_seen = excluded.first_seen, campaign = excluded.campaign
              where excluded.first_seen < export.clicks.first_seen""",
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        [k[2] for k in keys],
-        [k[3] for k in keys],
-        [k[4] for k in keys],
+        *(list(col) for col in zip(*keys, strict=True)),
         [rows[k][0] for k in keys],
         [rows[k][1] for k in keys],
+        [rows[k][2] for k in keys],
     )
+
+
+async def apply_erasures(conn: asyncpg.Connection, erased: list[asyncpg.Record]) -> None:
+    """Consumer step of identity.erased_events: drops what export derived from erased events.
+
+    The events' click sightings go; a click of export.clicks seen only in erased events goes, the
+    others keep their earliest remaining sighting; conversions matched to an erased click id lose
+    the click, its fbc and its campaign (the conversion itself came from the store, not from the
+    events, and stays).
+    """
+    if not erased:
+        return
+    refs = sorted({(r["source_id"], r["message_id"]) for r in erased})
+    srcs, mids = [r[0] for r in refs], [r[1] for r in refs]
+    await conn.execute(
+        """insert into export.erased_events (source_id, message_id)
+           select * from unnest($1::text[], $2::text[]) on conflict do nothing""",
+        srcs,
+        mids,
+    )
+    gone = await conn.fetch(
+        """delete from export.click_events ce using unnest($1::text[], $2::text[]) as u(src, mid)
+           where ce.source_id = u.src and ce.message_id = u.mid
+           returning ce.space_id, ce.holder_kind, ce.holder, ce.kind, ce.value""",
+        srcs,
+        mids,
+    )
+    if not gone:
+        return
+    keys = sorted({(r["space_id"], r["holder_kind"], r["holder"], r["kind"], r["value"]) for r in gone})
+    cols = [list(col) for col in zip(*keys, strict=True)]
+    await conn.execute(
+        """delete from export.clicks k
+           using unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) as u(sp, hk, h, kind, value)
+           where k.space_id = u.sp and k.holder_kind = u.hk and k.holder = u.h and k.kind = u.kind
+             and k.value = u.value
+             and not exists (select 1 from export.click_events ce
+                             where ce.space_id = u.sp and ce.holder_kind = u.hk and ce.holder = u.h
+                               and ce.kind = u.kind and ce.value = u.value)""",
+        *cols,
+    )
+    await conn.execute(
+        """update export.clicks k set first_seen = f.seen, campaign = f.campaign
+           from (select distinct on (ce.space_id, ce.holder_kind, ce.holder, ce.kind, ce.value)
+                        ce.space_id, ce.holder_kind, ce.holder, ce.kind, ce.value, ce.seen, ce.campaign
+                 from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                      as u(sp, hk, h, kind, value)
+                 join export.click_events ce
+                   on ce.space_id = u.sp and ce.holder_kind = u.hk and ce.holder = u.h
+                  and ce.kind = u.kind and ce.value = u.value
+                 order by ce.space_id, ce.holder_kind, ce.holder, ce.kind, ce.value, ce.seen) f
+           where k.space_id = f.space_id and k.holder_kind = f.holder_kind and k.holder = f.holder
+             and k.kind = f.kind and k.value = f.value
+             and (k.first_seen, k.campaign) is distinct from (f.seen, f.campaign)""",
+        *cols,
+    )
+    # A click id names one click: conversions matched to it lose it whoever else saw it. Rare
+    # (erased events that carried click ids), so a scan of the space's conversions is affordable.
+    clicks = sorted({(k[0], k[3], k[4]) for k in keys})
+    google = [c for c in clicks if c[1] != "fbclid"]
+    if google:
+        await conn.execute(
+            """update export.conversions c
+               set click_kind = null, click_value = null, click_time = null, campaign = null
+               from unnest($1::text[], $2::text[], $3::text[]) as u(sp, kind, value)
+               where c.space_id = u.sp and c.click_kind = u.kind and c.click_value = u.value""",
+            *(list(col) for col in zip(*google, strict=True)),
+        )
+    meta = [c for c in clicks if c[1] == "fbclid"]
+    if meta:
+        # fbc is "fb.1.<ms>.<fbclid>"; one the store sent itself (fbclid set) is the store's.
+        await conn.execute(
+            """update export.conversions c set fbc = null, campaign = null
+               from unnest($1::text[], $2::text[]) as u(sp, value)
+               where c.space_id = u.sp and c.fbclid = '' and c.fbc like 'fb.1.%'
+                 and right(c.fbc, length(u.value) + 1) = '.' || u.value""",
+            [c[0] for c in meta],
+            [c[2] for c in meta],
+        )
 
 
 # --- delivery ------------------------------------------------------------------------------------

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
+
 import asyncpg
 
-from services.identity.app import IdentitySettings, start_identity
+from services.identity.app import IdentitySettings, start_identity, tune_gc
 from touchpoint.platform.db import create_pool
 from touchpoint.platform.logs import setup_logging
 from touchpoint.platform.server import run, wait_for_shutdown_signal
 from touchpoint.platform.settings import CommonSettings
+from touchpoint.platform.workers import WORKER_ENV, is_worker, supervise
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:
@@ -23,10 +28,23 @@ async def keep_session(conn: asyncpg.Connection) -> None:
 async def main() -> None:
     common = CommonSettings.from_env()
     settings = IdentitySettings.from_env()
+    if is_worker():
+        first = os.environ[WORKER_ENV] == "0"
+        settings = dataclasses.replace(
+            settings,
+            metrics_port=None,  # the supervisor serves every worker's
+            consume=settings.consume and first,
+            maintenance=first,
+        )
+        if settings.consume:
+            # The worker applying the log keeps its event loop busy for tens of milliseconds
+            # per batch: it stays off the shared port, so no caller waits behind a batch.
+            settings = dataclasses.replace(settings, listen="127.0.0.1:0", workers=1)
     setup_logging("identity", common.log_level)
     pool = await create_pool(common.database_url, max_size=common.db_pool_size, reset=keep_session)
     try:
         app = await start_identity(pool, settings)
+        tune_gc()
         await wait_for_shutdown_signal()
         await app.stop(common.shutdown_grace_seconds)
     finally:
@@ -34,4 +52,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    workers = IdentitySettings.from_env().workers
+    if workers > 1 and not is_worker():
+        sys.exit(supervise("services.identity", workers, IdentitySettings.from_env().metrics_port))
     run(main)

@@ -295,13 +295,40 @@ class Extractor:
 
     def observe(self, ev: Any, rules: Rules) -> Observed | None:
         """The identity-relevant part of a LogEvent; None when it carries no usable identifier."""
-        ctx = ev.context if isinstance(ev.context, dict) else {}
-        traits = ev.traits if isinstance(ev.traits, dict) else {}
+        return self.observe_fields(
+            rules,
+            ev.space_id,
+            ev.source_id,
+            ev.message_id,
+            ev.user_id,
+            ev.anonymous_id,
+            ev.previous_id,
+            ev.timestamp,
+            ev.traits,
+            ev.context,
+        )
+
+    def observe_fields(
+        self,
+        rules: Rules,
+        space_id: str,
+        source_id: str,
+        message_id: str,
+        user_id: str | None,
+        anonymous_id: str | None,
+        previous_id: str | None,
+        timestamp: datetime,
+        traits: Any,
+        context: Any,
+    ) -> Observed | None:
+        """`observe` for the columns of a log row (the consumer reads only these: LOG_COLUMNS)."""
+        ctx = context if isinstance(context, dict) else {}
+        traits = traits if isinstance(traits, dict) else {}
         usable, blocked = self.identifiers(
             rules,
-            user_id=ev.user_id,
-            anonymous_id=ev.anonymous_id,
-            previous_id=ev.previous_id,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            previous_id=previous_id,
             traits=traits,
             context=ctx,
         )
@@ -311,13 +338,18 @@ class Extractor:
         merged_traits = {**ctx_traits, **traits} if isinstance(ctx_traits, dict) and ctx_traits else traits
         has_device = "device" in ctx or "os" in ctx or "userAgent" in ctx
         return Observed(
-            ev.space_id,
-            (ev.timestamp, ev.message_id, ev.source_id),
+            space_id,
+            (timestamp, message_id, source_id),
             tuple(usable),
             tuple(blocked),
             merged_traits,
             device_attrs(ctx) if has_device else {},
         )
+
+
+# The columns of the event log the consumer reads, in `observe_fields`' order (after xid, seq).
+LOG_COLUMNS = """e.space_id, e.source_id, e.message_id, e.user_id, e.anonymous_id, e.previous_id,
+    e."timestamp", e.traits, e.context"""
 
 
 def _take(
@@ -387,7 +419,7 @@ class Decision:
 class Partition:
     """Identifiers -> profiles, with the births that name profiles and settle merges."""
 
-    __slots__ = ("birth", "members", "moved", "prof", "rules", "space_id")
+    __slots__ = ("_summaries", "birth", "members", "moved", "prof", "rules", "space_id")
 
     def __init__(self, space_id: str, rules: Rules) -> None:
         self.space_id = space_id
@@ -397,18 +429,40 @@ class Partition:
         self.members: dict[str, set[Ident]] = {}
         # Identifiers that changed profile (the store writes them).
         self.moved: set[Ident] = set()
+        # Per profile: its founding member's (birth, rank, value) and its identifiers per kind,
+        # what every merge decision reads. Dropped whenever the profile's members or their
+        # births change (`touch`), computed again when next asked for.
+        self._summaries: dict[str, tuple[tuple[Key, tuple[int, int, str], str], dict[str, int]]] = {}
+
+    def touch(self, pid: str) -> None:
+        """Forgets what is known of the profile's members (they or their births changed)."""
+        self._summaries.pop(pid, None)
+
+    def summary(self, pid: str) -> tuple[tuple[Key, tuple[int, int, str], str], dict[str, int]]:
+        """(founding key, identifiers per kind) of a profile; do not change the dict returned."""
+        s = self._summaries.get(pid)
+        if s is None:
+            birth, rank = self.birth, self.rules.rank
+            counts: dict[str, int] = {}
+            for m in self.members[pid]:
+                counts[m[0]] = counts.get(m[0], 0) + 1
+            s = (min((birth[m], rank(m[0]), m[1]) for m in self.members[pid]), counts)
+            self._summaries[pid] = s
+        return s
 
     def add(self, x: Ident, pid: str, birth: Key) -> None:
         """A loaded identifier (no change)."""
         self.prof[x] = pid
         self.birth[x] = birth
         self.members.setdefault(pid, set()).add(x)
+        self._summaries.pop(pid, None)
 
     def singleton(self, x: Ident, birth: Key) -> str:
         pid = profile_id(self.space_id, x)
         self.prof[x] = pid
         self.birth[x] = birth
         self.members[pid] = {x}
+        self._summaries[pid] = ((birth, self.rules.rank(x[0]), x[1]), {x[0]: 1})
         return pid
 
     def _move(self, x: Ident, to: str) -> None:
@@ -420,6 +474,8 @@ class Partition:
         self.prof[x] = to
         self.members.setdefault(to, set()).add(x)
         self.moved.add(x)
+        self._summaries.pop(old, None)
+        self._summaries.pop(to, None)
 
     def step(self, link: Sequence[Ident], key: Key) -> list[Decision]:
         """Applies one link (identifiers in priority order, all born) by the greedy rule."""
@@ -430,14 +486,15 @@ class Partition:
         rules = self.rules
         limits, default = rules.limits, rules.default_limit
         members = self.members
+        summary = self.summary
         kept = list(link)
         dropped: list[Ident] = []
         limit_kind = ""
         while True:
             counts: dict[str, int] = {}
             for p in pids:
-                for m in members[p]:
-                    counts[m[0]] = counts.get(m[0], 0) + 1
+                for k, n in summary(p)[1].items():
+                    counts[k] = counts.get(k, 0) + n
             bad = [k for k, n in counts.items() if n > limits.get(k, default)]
             if not bad:
                 break
@@ -449,18 +506,20 @@ class Partition:
         dropped.reverse()
         decisions: list[Decision] = []
         if len(pids) > 1:
-            birth, rank = self.birth, rules.rank
             # A profile is named after its oldest identifier: the one with the oldest wins.
-            founded = {p: min((birth[m], rank(m[0]), m[1]) for m in members[p]) for p in pids}
+            founded = {p: summary(p)[0] for p in pids}
             target = min(pids, key=founded.__getitem__)
             into = members[target]
             moved = self.moved
+            summaries = self._summaries
             for p in pids:
                 if p != target:
+                    summaries.pop(p, None)
                     for m in members.pop(p):
                         prof[m] = target
                         into.add(m)
                         moved.add(m)
+            summaries[target] = (founded[target], counts)
             if founded[target][0] < key:
                 existing = sorted(p for p in pids if p != target and founded[p][0] < key)
                 if existing:
@@ -468,9 +527,7 @@ class Partition:
         else:
             target = next(iter(pids))
         if dropped:
-            counts = {}
-            for m in members[target]:
-                counts[m[0]] = counts.get(m[0], 0) + 1
+            counts = dict(summary(target)[1])
             for x in dropped:
                 # Born by this very event and still alone: it brings no other profile along,
                 # so it joins unless its own kind is full.
@@ -639,6 +696,7 @@ class Graph:
                 self.new_idents.add(x)
             elif key < b:
                 births[x] = key
+                part.touch(part.prof[x])
                 self.changed_idents.add(x)
                 root = self.root_of(x)
                 if root is not None:
@@ -719,6 +777,7 @@ class Graph:
         # Adopt the new partition.
         for x in idents:
             old = part.prof[x]
+            part.touch(old)
             ms = part.members.get(old)
             if ms is not None:
                 ms.discard(x)
@@ -726,6 +785,7 @@ class Graph:
                     del part.members[old]
         for x in idents:
             new = local.prof[x]
+            part.touch(new)
             if part.prof[x] != new:
                 self.changed_idents.add(x)
             part.prof[x] = new
@@ -805,6 +865,7 @@ class Graph:
             if root is not None:
                 self.dirty.add(root)
             pid = part.prof.pop(x)
+            part.touch(pid)
             del part.birth[x]
             ms = part.members[pid]
             ms.discard(x)

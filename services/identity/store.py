@@ -21,6 +21,7 @@ from services.identity.domain import (
     decode_ident,
     encode_ident,
 )
+from touchpoint.platform.eventlog import lock_positions
 
 _SEP = "\x1e"  # identifier values never hold control characters (domain.normalise)
 
@@ -490,34 +491,58 @@ async def any_deleted(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval("select exists(select 1 from identity.deleted_identifiers)"))
 
 
-async def deleted_digests(conn: asyncpg.Connection, space_id: str, digests: Sequence[bytes]) -> set[bytes]:
+async def deleted_digests(
+    conn: asyncpg.Connection, space_id: str, digests: Sequence[bytes]
+) -> dict[bytes, str]:
+    """Which of the digests are of deleted identifiers, with the profile each belonged to ('' when
+    deleted before that was recorded)."""
     rows = await conn.fetch(
-        """select d.digest from unnest($2::bytea[]) as u(digest)
+        """select d.digest, d.profile_id from unnest($2::bytea[]) as u(digest)
            join identity.deleted_identifiers d on d.space_id = $1 and d.digest = u.digest""",
         space_id,
         list(digests),
     )
-    return {bytes(r["digest"]) for r in rows}
+    return {bytes(r["digest"]): r["profile_id"] or "" for r in rows}
 
 
 async def queue_deletions(
-    conn: asyncpg.Connection, space_id: str, refs: Sequence[tuple[str, str]], profile: str = ""
+    conn: asyncpg.Connection, space_id: str, refs: Sequence[tuple[str, str, str]], *, count_for: str = ""
 ) -> None:
-    if refs:
-        await conn.execute(
-            """insert into identity.deletion_queue (source_id, message_id, space_id, profile_id)
-               select u.s, u.m, $1, $4 from unnest($2::text[], $3::text[]) as u(s, m)
-               on conflict do nothing""",
-            space_id,
-            [r[0] for r in refs],
-            [r[1] for r in refs],
-            profile,
-        )
+    """Queues events (source id, message id, profile id) for deletion at ingest and, for each one
+    not queued yet, writes its erasure to identity.erased_events in the same transaction, so that
+    other services drop what they derived from it. `count_for`: the profile whose DeleteProfile
+    counts these deletions (its drain reports them)."""
+    unique = list({(s, m): (s, m, p) for s, m, p in refs}.values())
+    if not unique:
+        return
+    await conn.execute(
+        """with queued as (
+               insert into identity.deletion_queue (source_id, message_id, space_id, profile_id)
+               select u.s, u.m, $1, $5 from unnest($2::text[], $3::text[]) as u(s, m)
+               on conflict do nothing
+               returning source_id, message_id)
+           insert into identity.erasures (space_id, source_id, message_id, profile_id)
+           select $1, u.s, u.m, u.p
+           from unnest($2::text[], $3::text[], $4::text[]) as u(s, m, p)
+           join queued q on q.source_id = u.s and q.message_id = u.m""",
+        space_id,
+        [r[0] for r in unique],
+        [r[1] for r in unique],
+        [r[2] for r in unique],
+        count_for,
+    )
 
 
 async def lock_consumer(conn: asyncpg.Connection, consumer: str) -> None:
-    """Waits for the consumer's batch in flight and keeps the next one out until commit."""
-    await conn.execute("select 1 from identity.log_positions where consumer = $1 for update", consumer)
+    """Waits for the consumer's batches in flight (every partition's) and keeps the next ones
+    out until commit."""
+    await lock_positions(conn, "identity", consumer)
+
+
+async def lock_graph(conn: asyncpg.Connection, space_id: str) -> None:
+    """Serialises changes to one space's graph until commit: replicas applying different
+    partitions of the log may meet in the same component (the rest of a batch runs in parallel)."""
+    await conn.execute("select pg_advisory_xact_lock(hashtextextended('identity.graph:' || $1, 0))", space_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,7 +789,7 @@ async def forget_profile_rows(
         values,
     )
     out = [(r["source_id"], r["message_id"]) for r in refs]
-    await queue_deletions(conn, space_id, out, profile)
+    await queue_deletions(conn, space_id, [(s, m, profile) for s, m in out], count_for=profile)
     await conn.execute(
         """delete from identity.traits t using unnest($2::text[], $3::text[]) as u(kind, value)
            where t.space_id = $1 and t.kind = u.kind and t.value = u.value""",
@@ -788,10 +813,11 @@ async def record_deletion(
     conn: asyncpg.Connection, space_id: str, profile: str, digests: Sequence[bytes], reason: str, count: int
 ) -> asyncpg.Record:
     await conn.execute(
-        """insert into identity.deleted_identifiers (space_id, digest)
-           select $1, d from unnest($2::bytea[]) as d on conflict do nothing""",
+        """insert into identity.deleted_identifiers (space_id, digest, profile_id)
+           select $1, d, $3 from unnest($2::bytea[]) as d on conflict do nothing""",
         space_id,
         list(digests),
+        profile,
     )
     row = await conn.fetchrow(
         """insert into identity.profile_tombstones (profile_id, space_id, reason, identifiers_deleted)
