@@ -68,18 +68,25 @@ class MetricsAndErrorsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, service: str) -> None:
         self.handled, self.duration = rpc_metrics(service)
+        # The wrapped handler of each method, built on its first call: the servicer's handlers
+        # do not change while the server runs, and building one per call costs every RPC.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
         inner = handler.unary_unary
-        handled, duration = self.handled, self.duration
+        handled_ok = self.handled.labels(method, grpc.StatusCode.OK.name)
+        handled, duration = self.handled, self.duration.labels(method)
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
@@ -109,14 +116,16 @@ class MetricsAndErrorsInterceptor(grpc.aio.ServerInterceptor):
                 )
                 await context.abort_with_status(rpc_status.to_status(internal.to_status()))
             finally:
-                handled.labels(method, code.name).inc()
-                duration.labels(method).observe(time.perf_counter() - start)
+                (handled_ok if code is grpc.StatusCode.OK else handled.labels(method, code.name)).inc()
+                duration.observe(time.perf_counter() - start)
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped_handler = grpc.unary_unary_rpc_method_handler(
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[handler_call_details.method] = wrapped_handler
+        return wrapped_handler
 
 
 @dataclass
