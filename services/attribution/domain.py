@@ -7,10 +7,11 @@ import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 
 from services.attribution import models as m
 from services.ingest.domain import CAMPAIGN_FIELDS, CLICK_ID_NETWORKS, parse_campaign
@@ -29,6 +30,7 @@ ENGAGEMENT_EVENTS = {
 }
 VALUE_KEYS = ("revenue", "value", "total")
 OFFLINE_CHANNELS = frozenset({"offline", "store", "pos", "in_store", "in-store"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # ------------------------------------------------------------------------------------------
 # The default channel grouping
@@ -605,7 +607,7 @@ class SpendRow:
     amount: float
 
 
-def spend_by_label(a: Assembled, spend: Sequence[SpendRow]) -> dict[str, float]:
+def spend_by_label(group_by: Sequence[int], spend: Sequence[SpendRow]) -> dict[str, float]:
     """Spend at each row's grain or finer: an entry goes to the row of its values when it names
     every grouped dimension (entries that name more roll up, e.g. placements into their source);
     an entry coarser than the rows is not split. Term and channel rows get no spend."""
@@ -615,7 +617,7 @@ def spend_by_label(a: Assembled, spend: Sequence[SpendRow]) -> dict[str, float]:
         fields = {"campaign": s.campaign, "source": s.source, "medium": s.medium, "content": s.content}
         values: list[str] = []
         ok = True
-        for g in a.group_by:
+        for g in group_by:
             name = DIMENSIONS[g]
             if name not in keyed or not fields[name]:
                 ok = False
@@ -629,3 +631,93 @@ def spend_by_label(a: Assembled, spend: Sequence[SpendRow]) -> dict[str, float]:
 
 def to_unix(t: datetime) -> float:
     return t.timestamp()
+
+
+# ------------------------------------------------------------------------------------------
+# Facts of narrow log rows (what the live consumer reads: store.LOG_COLUMNS)
+
+_CACHE_LIMIT = 200_000
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def narrow_event(
+    space_id: str,
+    source_id: str,
+    message_id: str,
+    type_: str,
+    user_id: str | None,
+    anonymous_id: str | None,
+    event: str | None,
+    campaign: str | None,
+    click_ids: str | None,
+    properties: str | None,
+    page: str | None,
+    referrer: str | None,
+    channel: str | None,
+) -> LogEvent:
+    """A LogEvent carrying only what touch_of and conversion_of read: the JSON columns as the
+    consumer selected them (text), context reduced to its page, referrer and channel keys (the
+    times are not read and left at the epoch)."""
+    context: dict[str, Any] = {}
+    for key, text in (("page", page), ("referrer", referrer), ("channel", channel)):
+        if text is not None:
+            context[key] = orjson.loads(text)
+    return LogEvent(
+        0, 0, space_id, source_id, message_id, type_, user_id, anonymous_id, None, None, event, None,
+        _EPOCH, _EPOCH, _loads(properties) or {}, {}, context, _loads(campaign) or {},
+        _loads(click_ids) or [],
+    )  # fmt: skip
+
+
+class RowFacts:
+    """touch_of and channel_of over narrow log rows, memoised on the columns they read.
+
+    Most events are not touches and are skipped without parsing anything; a touch is a pure
+    function of its campaign, click ids, (engagement) properties and (page) referrer, and its
+    channel of those and the space's rules (settings.version changes with them); those repeat a
+    lot (a campaign's landing URLs), so each distinct combination is derived once."""
+
+    def __init__(self) -> None:
+        self._touches: dict[tuple[Any, ...], tuple[TouchFacts, str] | None] = {}
+
+    def touch(
+        self,
+        settings: SpaceSettings,
+        type_: str,
+        event: str | None,
+        campaign: str | None,
+        click_ids: str | None,
+        properties: str | None,
+        page: str | None,
+        referrer: str | None,
+    ) -> tuple[TouchFacts, str] | None:
+        """(the touch, its channel) of a row, or None when it is not a touch."""
+        engagement = type_ == "track" and event in ENGAGEMENT_EVENTS
+        if not (engagement or campaign or click_ids or type_ == "page"):
+            return None
+        key = (
+            settings.space_id,
+            settings.version,
+            type_ if type_ in ("page", "track") else "",
+            event if engagement else None,
+            campaign,
+            click_ids,
+            properties if engagement else None,
+            page,
+            referrer,
+        )
+        try:
+            return self._touches[key]
+        except KeyError:
+            pass
+        ev = narrow_event("", "", "", key[2], None, None, event, campaign, click_ids, key[6], page,
+                          referrer, None)  # fmt: skip
+        facts = touch_of(ev)
+        found = None if facts is None else (facts, channel_of(facts, settings.channel_rules))
+        if len(self._touches) >= _CACHE_LIMIT:
+            self._touches.clear()
+        self._touches[key] = found
+        return found

@@ -16,7 +16,7 @@ import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
 
-from services.attribution import domain, store
+from services.attribution import domain, reports, store
 from services.attribution import models as m
 from services.attribution.domain import Assembled, ChannelRule, Credit, SpaceSettings
 from touchpoint.attribution.v1 import attribution_service_pb2 as pb
@@ -71,7 +71,7 @@ class Query:
 @dataclass
 class Computed:
     query: Query
-    assembled: Assembled
+    report: reports.Report
     credits: dict[m.Model, Credit]
     spend: dict[str, float]
     spend_total: float
@@ -85,12 +85,12 @@ class Computed:
         return list(seen)
 
     def totals(self) -> pb.ReportTotals:
-        a = self.assembled
+        r = self.report
         return pb.ReportTotals(
-            conversions=len(a.conversions),
-            revenue=sum(c.value for c in a.conversions if c.currency == self.query.currency),
+            conversions=r.n_conversions,
+            revenue=float(r.conversions.value.sum()),
             spend=self.spend_total,
-            conversions_without_touches=sum(1 for p in a.paths if not p),
+            conversions_without_touches=r.conversions_without_touches,
         )
 
 
@@ -181,19 +181,20 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         settings = state.settings
         events = q.events or settings.conversion_events
         use_view = await store.identity_view_exists(self.pool)
-        conversions = await store.load_conversions(
-            self.pool, q.space_id, state.active_generation, q.start, q.end, events, use_view
-        )
         lookback = max(settings.lookback_seconds(e) for e in events)
-        touches = await store.load_touches(
-            self.pool,
-            q.space_id,
-            state.active_generation,
-            q.start - timedelta(seconds=lookback),
-            q.end,
-            use_view,
-            q.campaign_filter,
-        )
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            rows = await store.load_report_rows(
+                conn,
+                q.space_id,
+                state.active_generation,
+                q.start,
+                q.end,
+                q.start - timedelta(seconds=lookback),
+                events,
+                q.group_by,
+                use_view,
+                q.campaign_filter,
+            )
         spend_rows = await store.load_spend(
             self.pool,
             q.space_id,
@@ -203,32 +204,29 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         )
 
         def work() -> Computed:
-            a = domain.assemble(
-                conversions,
-                touches,
-                settings,
+            report = reports.assemble(
+                *reports.arrays(rows, settings, q.currency),
                 q.group_by,
                 null_start=q.start.timestamp(),
                 null_end=q.end.timestamp(),
             )
             credits = {
-                model: domain.compute_credit(a, model, q.settings, q.transform, q.currency)
-                for model in models
+                model: reports.compute_credit(report, model, q.settings, q.transform) for model in models
             }
             return Computed(
                 q,
-                a,
+                report,
                 credits,
-                domain.spend_by_label(a, spend_rows),
+                domain.spend_by_label(q.group_by, spend_rows),
                 sum(s.amount for s in spend_rows),
-                domain.touched_conversions(a),
+                reports.touched_conversions(report),
             )
 
         return await asyncio.to_thread(work)
 
     @staticmethod
     def _dims(c: Computed, label: str) -> pb.DimensionValues:
-        return pb.DimensionValues(**c.assembled.group_dims(label))
+        return pb.DimensionValues(**c.report.group_dims(label))
 
     def _report(self, c: Computed, model: m.Model) -> pb.GetCampaignReportResponse:
         credit = c.credits[model]
