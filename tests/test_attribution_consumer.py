@@ -164,3 +164,36 @@ async def test_narrow_read_derives_what_the_rules_give_on_whole_events(
     assert next(t for t in want_touches if t[0] == "n1")[:3] == ("n1", "referrer", "earned")
     assert {c[0] for c in want_conversions} == {"o-1", "n16", "n18"}
     assert want_links == {("a-laptop", "u1"), ("a15", "u1"), ("a-old", "u2")}
+
+
+async def test_an_orders_earliest_event_wins_whatever_order_the_batches_come_in(pool: asyncpg.Pool) -> None:
+    """Replicas apply partitions of the log in any order, and offline conversions race online
+    ones: the stored conversion of an order must not depend on it."""
+    await migrate(pool, "ingest", INGEST_MIGRATIONS)
+    await ensure_partitions(pool)
+    await migrate(pool, "attribution", ATTRIBUTION_MIGRATIONS)
+    await pool.execute("delete from ingest.events where space_id = $1", SPACE)
+    source = await create_source(pool, write_key="wk_narrow_order", name="narrow", space_id=SPACE)
+    async with pool.acquire() as conn:
+        await write_rows(conn, events(source))
+        narrow_sql = read_batch_sql(store.LOG_COLUMNS).replace(
+            "order by", "and e.space_id = 'narrow' order by"
+        )
+        narrow = {r["message_id"]: r for r in await conn.fetch(narrow_sql, "0", 0, 1000)}
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute("delete from attribution.conversions where space_id = $1", SPACE)
+            # The later event of order o-1 (n17, total 3) first, then the earlier one (n15) ...
+            await store.apply_rows(conn, [narrow["n17"]])
+            await store.apply_rows(conn, [narrow["n15"]])
+            # ... and both in one batch, later one first.
+            await store.apply_rows(conn, [narrow["n17"], narrow["n15"]])
+            rows = await conn.fetch(
+                """select message_id, value, currency, count(*) over () as n from attribution.conversions
+                   where space_id = $1 and conversion_id = 'o-1'""",
+                SPACE,
+            )
+        finally:
+            await tx.rollback()
+    assert [(r["message_id"], r["value"], r["currency"], r["n"]) for r in rows] == [("n15", 1250.5, "EUR", 1)]

@@ -362,3 +362,104 @@ async def test_two_replicas_of_every_consumer_end_like_one(
 
 async def _zero_lag(consumer: LogConsumer) -> bool:
     return (await consumer.lag())[0] == 0
+
+
+@pytest.mark.timeout(110)
+async def test_recompute_with_a_partitioned_live_consumer_misses_and_repeats_nothing(
+    pg_server_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two attribution replicas over three partitions: each partition stands at its own position
+    when a recomputation starts, and events keep arriving while it replays. The new generation
+    must hold every touch and conversion exactly once."""
+    from services.attribution.app import AttributionSettings, start_attribution
+    from tests.test_attribution_service import D0, H, page, query, track, utm, write
+    from touchpoint.attribution.v1 import attribution_service_pb2 as apb
+    from touchpoint.attribution.v1 import attribution_service_pb2_grpc as apb_grpc
+
+    monkeypatch.setenv("TOUCHPOINT_LOG_PARTITIONS", "3")
+    monkeypatch.setenv("TOUCHPOINT_LOG_LEASE_SECONDS", "1.5")
+    url = await create_database(pg_server_url, "tp_replicas_recompute")
+    pool = await create_pool(url, max_size=12)
+    ingest = await start_ingest(pool, IngestSettings.for_tests())
+    replicas = [await start_attribution(pool, AttributionSettings.for_tests()) for _ in range(2)]
+    space, key = "rp", "wk_rp_" + secrets.token_hex(4)
+    await create_source(pool, write_key=key, name="rp", space_id=space)
+
+    def visitor(i: int) -> list[ev.Event]:
+        medium = ("news", "email", "paid-social")[i % 3]
+        return [
+            page(D0 + i * H / 10, utm(f"src{i % 3}", medium), anonymous_id=f"v{i}"),
+            track(D0 + i * H / 10 + H, "Order Completed", {"order_id": f"o{i}", "revenue": 10}, anonymous_id=f"v{i}"),
+        ]  # fmt: skip
+
+    async def generation_rows(table: str) -> int:
+        return await pool.fetchval(
+            f"""select count(*) from attribution.{table} t join attribution.spaces s
+                on s.space_id = t.space_id and s.active_generation = t.generation where t.space_id = $1""",
+            space,
+        )
+
+    try:
+        await eventually(
+            lambda: all(len(r.consumer.owned) in (1, 2) for r in replicas), timeout=20, message="no split"
+        )
+        async with (
+            grpc.aio.insecure_channel(ingest.address) as ich,
+            grpc.aio.insecure_channel(replicas[0].address) as ach,
+        ):
+            istub = pb_grpc.IngestServiceStub(ich)
+            stub = apb_grpc.AttributionServiceStub(ach)
+            for i in range(0, 60, 10):
+                await write(istub, key, [e for v in range(i, i + 10) for e in visitor(v)])
+            await eventually(lambda: _total(stub, space, 60), timeout=30)
+            positions = await pool.fetch(
+                "select xid, seq from attribution.log_positions where consumer like 'live#%'"
+            )
+            assert len({(p["xid"], p["seq"]) for p in positions}) == 3  # each partition elsewhere
+
+            job = await stub.RecomputeAttribution(apb.RecomputeAttributionRequest(space_id=space))
+            # More visitors while the job replays: the live consumers write them to both generations.
+            for i in range(60, 90, 10):
+                await write(istub, key, [e for v in range(i, i + 10) for e in visitor(v)])
+
+            async def done() -> apb.RecomputeJob | None:
+                j = await stub.GetRecomputeJob(apb.GetRecomputeJobRequest(name=job.name))
+                assert j.state != apb.JOB_STATE_FAILED, j.error
+                return j if j.state == apb.JOB_STATE_SUCCEEDED else None
+
+            finished = await eventually(done, timeout=30)
+            assert finished.processed_events == finished.total_events >= 120
+            await eventually(lambda: _total(stub, space, 90), timeout=30)
+            report = await stub.GetCampaignReport(
+                apb.GetCampaignReportRequest(
+                    query=query(space, group_by=[apb.DIMENSION_MEDIUM]), model=apb.MODEL_LAST_TOUCH
+                )
+            )
+            assert {r.dimensions.medium: r.conversions for r in report.rows} == {
+                "news": 30.0,
+                "email": 30.0,
+                "paid-social": 30.0,
+            }
+            assert await generation_rows("touches") == 90
+            assert await generation_rows("conversions") == 90
+            assert (
+                await pool.fetchval(
+                    "select count(*) from attribution.log_positions where consumer like 'recompute_%'"
+                )
+                == 0
+            )  # the replay's positions are gone with the job
+    finally:
+        for r in replicas:
+            await r.stop()
+        await ingest.stop()
+        await pool.close()
+
+
+async def _total(stub: Any, space: str, conversions: int) -> bool:
+    from tests.test_attribution_service import query
+    from touchpoint.attribution.v1 import attribution_service_pb2 as apb
+
+    r = await stub.GetCampaignReport(
+        apb.GetCampaignReportRequest(query=query(space), model=apb.MODEL_LAST_TOUCH)
+    )
+    return bool(r.totals.conversions == conversions)

@@ -99,10 +99,14 @@ def live_apply(memo: store.ApplyMemo) -> ApplyFn:
 
 
 async def run_recompute(pool: asyncpg.Pool, job: asyncpg.Record, batch_size: int) -> None:
-    """Replays the log up to the job's stop position into the job's generation, then switches."""
-    stop = (int(job["stop_xid"]), int(job["stop_seq"]))
+    """Replays the log up to the job's stop positions into the job's generation, then switches.
+
+    With a partitioned live consumer, each partition stood at its own position when the job
+    started: the replay reads the log in the same partitions and stops each at its own."""
+    stops = store.job_stops(job)
     memo = store.ApplyMemo(links=None)
     space_id, generation, job_id = job["space_id"], int(job["generation"]), job["id"]
+    stop = stops[0]
 
     async def apply(conn: asyncpg.Connection, events: list[asyncpg.Record]) -> None:
         mine = [e for e in events if (e["xid"], e["seq"]) <= stop and e["space_id"] == space_id]
@@ -118,12 +122,14 @@ async def run_recompute(pool: asyncpg.Pool, job: asyncpg.Record, batch_size: int
         batch_size=batch_size,
         columns=store.LOG_COLUMNS,
         decode=None,
+        partitions=len(stops),
     )
     await replay.ensure()
     try:
-        while await replay.position() < stop:
-            if await replay.step() == 0:
-                break
+        for k, stop in enumerate(stops):
+            while await replay.position(k) < stop:
+                if await replay.step([k]) == 0:
+                    break
         await store.finish_job(pool, job)
         RECOMPUTES.labels("succeeded").inc()
     except asyncio.CancelledError:

@@ -13,6 +13,7 @@ import orjson
 
 from services.attribution import domain
 from services.attribution.domain import ChannelRule, ConversionRow, SpaceSettings, SpendRow, TouchRow
+from touchpoint.platform.eventlog import DEFAULT_PARTITION_KEYS, lock_positions, partition_sql
 
 IDENTITY_VIEW = "identity.profile_identifiers"
 
@@ -168,7 +169,33 @@ def _json_insert(table: str, columns: Sequence[str], types: Sequence[str], on_co
 _INSERT_TOUCHES = _json_insert("touches", _TOUCH_COLUMNS, _TOUCH_TYPES)
 # Without the conflict check: about a third cheaper, and a touch is almost never a duplicate.
 _INSERT_NEW_TOUCHES = _json_insert("touches", _TOUCH_COLUMNS, _TOUCH_TYPES, on_conflict=False)
-_INSERT_CONVERSIONS = _json_insert("conversions", _CONV_COLUMNS, _CONV_TYPES)
+
+
+def _json_insert_earliest(columns: Sequence[str], types: Sequence[str]) -> str:
+    """Conversions passed as a JSON array, deduplicated by order id so that the earliest event
+    of an order wins (by conversion time, then source and message id), within the batch and
+    against what is stored. The rule does not depend on the order rows arrive in, so replicas
+    applying partitions of the log in any order, and the offline and online consumers racing,
+    end with the same row."""
+    cols = ", ".join(columns)
+    at = {c: i for i, c in enumerate(columns)}
+    values = ", ".join(f"(r ->> {i})::{t}" for i, t in enumerate(types))
+    key = f"r ->> {at['space_id']}, (r ->> {at['generation']})::int, r ->> {at['conversion_id']}"
+    first = f"(r ->> {at['conversion_time']})::timestamptz, r ->> {at['source_id']}, r ->> {at['message_id']}"
+    updated = [
+        c for c in (*_CONV_COLUMNS, "profile_id") if c not in ("space_id", "generation", "conversion_id")
+    ]
+    sets = ", ".join(f"{c} = excluded.{c}" for c in updated)
+    stored = "attribution.conversions"
+    return f"""insert into {stored} ({cols})
+        select distinct on ({key}) {values} from jsonb_array_elements($1::json::jsonb) r
+        order by {key}, {first}
+        on conflict (space_id, generation, conversion_id) do update set {sets}
+        where (excluded.conversion_time, excluded.source_id, excluded.message_id)
+            < ({stored}.conversion_time, {stored}.source_id, {stored}.message_id)"""
+
+
+_INSERT_CONVERSIONS = _json_insert_earliest(_CONV_COLUMNS, _CONV_TYPES)
 _INSERT_NEW_CONVERSIONS = _json_insert("conversions", _CONV_COLUMNS, _CONV_TYPES, on_conflict=False)
 _INSERT_LINKS = _json_insert(
     "identity_links", ("space_id", "anonymous_id", "user_id"), ("text", "text", "text")
@@ -348,8 +375,8 @@ async def apply_rows(
     if touches:
         await _insert_new(conn, _INSERT_NEW_TOUCHES, _INSERT_TOUCHES, _json_rows(touches))
     if conversions:
-        # Deduplicated by order id: the first event of an order wins (a batch with a repeated
-        # order takes the slower insert that skips conflicts).
+        # Deduplicated by order id: the earliest event of an order wins (a batch with a repeated
+        # order takes the slower upsert).
         await _insert_new(conn, _INSERT_NEW_CONVERSIONS, _INSERT_CONVERSIONS, _json_rows(conversions))
     if memo.links is not None and links:
         links = await memo.links.fresh(conn, links)
@@ -371,12 +398,12 @@ OFFLINE_SOURCE = "export.offline_conversions"
 OFFLINE_COLUMNS = """e.conversion_id::text as conversion_id, e.space_id, e.order_id, e.event_name,
     e.event_time::text as event_time, e.value::float8 as value, e.currency, e.profile_id, e.match_status"""
 _OFFLINE_TYPES = (*_CONV_TYPES, "text")
-_INSERT_OFFLINE = _json_insert("conversions", (*_CONV_COLUMNS, "profile_id"), _OFFLINE_TYPES)
+_INSERT_OFFLINE = _json_insert_earliest((*_CONV_COLUMNS, "profile_id"), _OFFLINE_TYPES)
 
 
 async def apply_offline(conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> int:
     """Matched offline conversions become conversions (offline, deduplicated by order id against
-    online ones: the first of an order wins), in each space's active and pending generation.
+    online ones: the earliest of an order wins), in each space's active and pending generation.
 
     A conversion carries the user id of the profile export matched it to (else one of its
     anonymous ids), so that reports put it on that profile's path across devices and follow
@@ -827,10 +854,9 @@ async def start_recompute(pool: asyncpg.Pool, space_id: str) -> asyncpg.Record:
     """Creates a job at the live consumer's current position (locked, so no live batch is
     half-way) and marks the space's next generation as pending."""
     async with pool.acquire() as conn, conn.transaction():
-        pos = await conn.fetchrow(
-            "select xid, seq from attribution.log_positions where consumer = $1 for update", LIVE_CONSUMER
-        )
-        assert pos is not None
+        # Every partition's position, locked: no live batch is half-way while the job is made.
+        positions = await lock_positions(conn, "attribution", LIVE_CONSUMER)
+        stops = [positions[k] for k in range(len(positions))]
         await space_states(conn, [space_id])
         space = await conn.fetchrow(
             "select active_generation from attribution.spaces where space_id = $1 for update",
@@ -863,12 +889,15 @@ async def start_recompute(pool: asyncpg.Pool, space_id: str) -> asyncpg.Record:
             generation,
             OFFLINE_SOURCE,
         )
+        part = partition_sql(DEFAULT_PARTITION_KEYS["ingest.event_log"], len(stops))
         total = await conn.fetchval(
-            """select count(*) from ingest.event_log
-               where space_id = $1 and (xid, seq) <= ($2::text::xid8, $3)""",
+            f"""select count(*) from ingest.event_log e
+                join (select k - 1 as k, (s ->> 0)::bigint as xid, (s ->> 1)::bigint as seq
+                      from jsonb_array_elements($2::json::jsonb) with ordinality as t(s, k)) p
+                  on {part} = p.k
+               where e.space_id = $1 and (e.xid, e.seq) <= (p.xid::text::xid8, p.seq)""",
             space_id,
-            str(pos["xid"]),
-            pos["seq"],
+            _json_rows(stops),
         )
         job_id = f"rj_{secrets.token_hex(8)}"
         await conn.execute(
@@ -876,14 +905,15 @@ async def start_recompute(pool: asyncpg.Pool, space_id: str) -> asyncpg.Record:
         )
         row = await conn.fetchrow(
             """insert into attribution.recompute_jobs
-                   (id, space_id, generation, stop_xid, stop_seq, total_events)
-               values ($1, $2, $3, $4, $5, $6) returning *""",
+                   (id, space_id, generation, stop_xid, stop_seq, total_events, stops)
+               values ($1, $2, $3, $4, $5, $6, $7::json::jsonb) returning *""",
             job_id,
             space_id,
             generation,
-            pos["xid"],
-            pos["seq"],
+            min(stops)[0],
+            min(stops)[1],
             total,
+            _json_rows(stops),
         )
         assert row is not None
         return row
@@ -909,11 +939,10 @@ async def add_job_progress(conn: asyncpg.Connection, job_id: str, processed: int
 
 async def finish_job(pool: asyncpg.Pool, job: asyncpg.Record) -> None:
     """Switches the space to the job's generation and drops the previous one. Holds the live
-    consumer's position like a live batch does, so no batch still writes the old generation."""
+    consumer's positions (every partition's) like a live batch does, so no batch still writes the
+    old generation."""
     async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "select 1 from attribution.log_positions where consumer = $1 for update", LIVE_CONSUMER
-        )
+        await lock_positions(conn, "attribution", LIVE_CONSUMER)
         old = await conn.fetchval(
             "select active_generation from attribution.spaces where space_id = $1 for update", job["space_id"]
         )
@@ -934,9 +963,25 @@ async def finish_job(pool: asyncpg.Pool, job: asyncpg.Record) -> None:
                    processed_events = total_events where id = $1""",
             job["id"],
         )
-        await conn.execute(
-            "delete from attribution.log_positions where consumer = $1", f"recompute_{job['id']}"
-        )
+        await forget_replay(conn, job)
+
+
+async def forget_replay(conn: asyncpg.Connection, job: asyncpg.Record) -> None:
+    """Drops the replay consumer's positions, leases and members (every partition's)."""
+    name = f"recompute_{job['id']}"
+    await conn.execute("delete from attribution.log_positions where split_part(consumer, '#', 1) = $1", name)
+    for table in ("log_leases", "log_members"):
+        if await conn.fetchval("select to_regclass($1) is not null", f"attribution.{table}"):
+            await conn.execute(f"delete from attribution.{table} where consumer = $1", name)
+
+
+def job_stops(job: asyncpg.Record) -> list[tuple[int, int]]:
+    """The job's stop position per partition of the live consumer (one for jobs made before
+    partitions existed)."""
+    if job["stops"] is None:
+        return [(int(job["stop_xid"]), int(job["stop_seq"]))]
+    stops = job["stops"]
+    return [(int(x), int(s)) for x, s in (orjson.loads(stops) if isinstance(stops, str | bytes) else stops)]
 
 
 async def fail_job(pool: asyncpg.Pool, job: asyncpg.Record, error: str) -> None:
@@ -950,3 +995,4 @@ async def fail_job(pool: asyncpg.Pool, job: asyncpg.Record, error: str) -> None:
             job["id"],
             error[:1000],
         )
+        await forget_replay(conn, job)

@@ -333,13 +333,13 @@ class LogConsumer:
                 self.partitions,
             )
 
-    async def position(self) -> tuple[int, int]:
-        """The consumer's position; with partitions, the one furthest behind."""
+    async def position(self, partition: int | None = None) -> tuple[int, int]:
+        """The position of one partition, or of the consumer: the partition furthest behind."""
+        names = [self.position_row(k) for k in (range(self.partitions) if partition is None else [partition])]
         rows = await self.pool.fetch(
-            f"select xid, seq from {self.schema}.log_positions where consumer = any($1::text[])",
-            [self.position_row(k) for k in range(self.partitions)],
+            f"select xid, seq from {self.schema}.log_positions where consumer = any($1::text[])", names
         )
-        assert len(rows) == self.partitions, "call ensure() first"
+        assert len(rows) == len(names), "call ensure() first"
         return min((r["xid"], r["seq"]) for r in rows)
 
     async def step(self, partitions: Iterable[int] | None = None) -> int:
