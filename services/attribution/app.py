@@ -48,8 +48,10 @@ class AttributionSettings:
     listen: str = "0.0.0.0:50053"
     # Port of the Prometheus /metrics endpoint (None: none).
     metrics_port: int | None = 9103
-    # Events of the log applied in one transaction.
-    consumer_batch_size: int = 2000
+    # Events of the log applied in at most one transaction. Large so that catching up is fast
+    # (1M events: 19 s at 20k, 29 s at 5k); a batch is only this large when the consumer is
+    # behind, and then holds the log's horizon back for other readers by about 0.4 s.
+    consumer_batch_size: int = 20_000
     # Seconds the consumer waits for a NOTIFY before polling the log again.
     consumer_idle_wait: float = 0.25
     # Seconds between looks for recomputation jobs (a new job is also picked up at once).
@@ -66,7 +68,7 @@ class AttributionSettings:
         return cls(
             listen=env_str("TOUCHPOINT_ATTRIBUTION_LISTEN", cls.listen),
             metrics_port=env_int("TOUCHPOINT_ATTRIBUTION_METRICS_PORT", 9103, minimum=0),
-            consumer_batch_size=env_int("TOUCHPOINT_ATTRIBUTION_BATCH_SIZE", 2000, minimum=1),
+            consumer_batch_size=env_int("TOUCHPOINT_ATTRIBUTION_BATCH_SIZE", 20_000, minimum=1),
             consumer_idle_wait=env_float("TOUCHPOINT_ATTRIBUTION_IDLE_WAIT_SECONDS", 0.25),
             recompute_poll_seconds=env_float("TOUCHPOINT_ATTRIBUTION_RECOMPUTE_POLL_SECONDS", 2.0),
             consume_offline=env_str("TOUCHPOINT_ATTRIBUTION_CONSUME_OFFLINE", "true").lower()
