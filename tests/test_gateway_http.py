@@ -801,6 +801,29 @@ async def test_batch_context_merged_past_ingest_limit_is_sent_in_parts(
     assert all(r["context"]["app"]["build"] == "x" * 3000 for r in rows)
 
 
+async def test_answers_of_a_request_sent_in_parts_keep_the_batch_indices(
+    gateway: str, http: aiohttp.ClientSession, pool: asyncpg.Pool, source: tuple[str, str]
+) -> None:
+    """Ingest answers only the exceptions, indexed within each part: the gateway must report
+    them against the client's batch, whichever part they were in."""
+    key, sid = source
+    context = {"app": {"name": "toaster", "build": "x" * 3000}}
+    batch: list[dict[str, Any]] = [
+        {"type": "track", "event": "E", "userId": "u", "messageId": f"p{i}"} for i in range(400)
+    ]
+    del batch[5]["userId"]  # first part
+    batch[250]["messageId"] = "p3"  # a later part repeats a message of the first
+    batch[399]["userId"] = "undefined"  # last part
+    status, body, _ = await post(http, f"{gateway}/v1/batch", {"batch": batch, "context": context}, key=key)
+    assert status == 400, body
+    assert (body["accepted"], body["duplicates"]) == (397, 1)
+    assert [(e["index"], e["messageId"], e["field"], e["reason"]) for e in body["errors"]] == [
+        (5, "p5", "userId", "REQUIRED"),
+        (399, "p399", "userId", "JUNK_ID"),
+    ]
+    assert int(await pool.fetchval("select count(*) from ingest.events where source_id = $1", sid)) == 397
+
+
 async def test_writer_spreads_calls_over_its_connections(ingest: IngestApp, pool: asyncpg.Pool) -> None:
     from services.gateway.app import IngestWriter
 

@@ -1,12 +1,13 @@
-"""The gateway's pure parts: body decoding, Segment JSON -> Event translation, result merging,
-client IP resolution and settings. Each bad input must come back naming its field and reason."""
+"""The gateway's pure parts: body decoding, Segment JSON -> ingest request translation (checked
+through ingest's own parsing of the lean form, the pure half of the path), result merging, client
+IP resolution and settings. Each bad input must come back naming its field and reason."""
 
 from __future__ import annotations
 
 import base64
 import gzip
 import ipaddress
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -14,29 +15,58 @@ import pytest
 
 from services.gateway import segment
 from services.gateway.app import resolve_client_ip
-from services.gateway.segment import MessageError, RequestError
+from services.gateway.segment import RequestError
 from services.gateway.settings import GatewaySettings, parse_listen, parse_networks
-from touchpoint.events.v1 import event_pb2
+from services.ingest import domain
+from services.ingest.store import EVENT_COLUMNS
 from touchpoint.ingest.v1 import ingest_service_pb2 as pb
 from touchpoint.platform.settings import SettingsError
 
+SOURCE = domain.Source("src_unit", "default", True)
+RECEIVED = datetime(2026, 11, 29, 10, 0, tzinfo=UTC)
+JSON_COLUMNS = ("properties", "traits", "context", "integrations", "campaign", "click_ids")
+TIME_COLUMNS = ("timestamp", "original_timestamp", "sent_at", "received_at")
 
-def one(body: dict[str, Any], route: str = "track") -> event_pb2.Event:
-    """The event of a single-message body; fails when it was not translated."""
+
+def stored(data: bytes) -> domain.Prepared | domain.Rejected:
+    """What ingest makes of one message of the lean form."""
+    return domain.prepare_json(data, source=SOURCE, received_at=RECEIVED, client_ip="")
+
+
+def as_row(p: domain.Prepared) -> dict[str, Any]:
+    """The stored row as a dict, JSON columns parsed, instants as datetimes."""
+    row = dict(zip(EVENT_COLUMNS, p.row, strict=True))
+    for column in JSON_COLUMNS:
+        if row[column] is not None:
+            assert row[column][:1] == domain.JSONB
+            row[column] = orjson.loads(row[column][1:])
+    for column in TIME_COLUMNS:
+        if row[column] is not None:
+            row[column] = domain.from_pg_time(row[column])
+    return row
+
+
+def one(body: dict[str, Any], route: str = "track") -> dict[str, Any]:
+    """The stored row of a single-message body; fails when it was not stored."""
     raw = orjson.dumps(body)
     tr = segment.translate(orjson.loads(raw), route, len(raw))
     assert tr.errors == [], tr.errors
-    assert len(tr.events) == 1
-    return tr.events[0]
+    assert len(tr.messages) == 1
+    p = stored(tr.messages[0])
+    assert isinstance(p, domain.Prepared), p
+    return as_row(p)
 
 
-def bad(body: dict[str, Any], route: str = "track") -> MessageError:
-    """The one error of a single-message body."""
+def bad(body: dict[str, Any], route: str = "track") -> tuple[str, str, str, str]:
+    """(message id, field, reason, description) of the one problem of a single-message body."""
     raw = orjson.dumps(body)
     tr = segment.translate(orjson.loads(raw), route, len(raw))
-    assert tr.events == []
-    assert len(tr.errors) == 1
-    return tr.errors[0]
+    assert tr.errors == []
+    p = stored(tr.messages[0])
+    assert isinstance(p, domain.Rejected), p
+    assert len(p.violations) == 1, p.violations
+    v = p.violations[0]
+    return p.message_id, v.field, v.reason, v.description
 
 
 def refused(fn: Any, *args: Any) -> RequestError:
@@ -151,23 +181,24 @@ def test_pixel_data_errors(data: str | None, code: str) -> None:
 @pytest.mark.parametrize(
     ("route", "expected"),
     [
-        ("identify", event_pb2.EVENT_TYPE_IDENTIFY),
-        ("i", event_pb2.EVENT_TYPE_IDENTIFY),
-        ("track", event_pb2.EVENT_TYPE_TRACK),
-        ("t", event_pb2.EVENT_TYPE_TRACK),
-        ("page", event_pb2.EVENT_TYPE_PAGE),
-        ("p", event_pb2.EVENT_TYPE_PAGE),
-        ("screen", event_pb2.EVENT_TYPE_SCREEN),
-        ("s", event_pb2.EVENT_TYPE_SCREEN),
-        ("group", event_pb2.EVENT_TYPE_GROUP),
-        ("g", event_pb2.EVENT_TYPE_GROUP),
-        ("alias", event_pb2.EVENT_TYPE_ALIAS),
-        ("a", event_pb2.EVENT_TYPE_ALIAS),
+        ("identify", "identify"),
+        ("i", "identify"),
+        ("track", "track"),
+        ("t", "track"),
+        ("page", "page"),
+        ("p", "page"),
+        ("screen", "screen"),
+        ("s", "screen"),
+        ("group", "group"),
+        ("g", "group"),
+        ("alias", "alias"),
+        ("a", "alias"),
     ],
 )
-def test_route_gives_the_type(route: str, expected: int) -> None:
+def test_route_gives_the_type(route: str, expected: str) -> None:
     # The route wins over a "type" in the body.
-    assert one({"userId": "u", "type": "screen" if route != "screen" else "track"}, route).type == expected
+    body = {"userId": "u", "event": "e", "groupId": "g", "previousId": "p"}
+    assert one({**body, "type": "screen" if route != "screen" else "track"}, route)["type"] == expected
 
 
 def test_track_fields_are_copied() -> None:
@@ -185,22 +216,29 @@ def test_track_fields_are_copied() -> None:
     assert tr.write_key == "wk"
     assert tr.indices == [0]
     assert tr.total == 1
-    ev = tr.events[0]
-    assert (ev.message_id, ev.user_id, ev.anonymous_id, ev.event) == ("m-1", "u-1", "a-1", "Order Completed")
-    assert orjson.loads(ev.properties_json) == body["properties"]
-    assert orjson.loads(ev.integrations_json) == body["integrations"]
-    assert ev.context_json == b""
-    assert ev.traits_json == b""
-    assert not ev.HasField("original_timestamp")
-    assert not ev.HasField("sent_at")
+    assert tr.request.omit_accepted_results
+    row = as_row(stored(tr.messages[0]))  # type: ignore[arg-type]
+    assert (row["message_id"], row["user_id"], row["anonymous_id"], row["event"]) == (
+        "m-1",
+        "u-1",
+        "a-1",
+        "Order Completed",
+    )
+    assert row["properties"] == body["properties"]
+    assert row["integrations"] == body["integrations"]
+    assert row["context"] is None
+    assert row["traits"] is None
+    assert row["original_timestamp"] is None
+    assert row["sent_at"] is None
+    assert row["timestamp"] == row["received_at"] == RECEIVED
 
 
 def test_alias_and_group_ids() -> None:
-    ev = one({"userId": "new", "previousId": "old"}, "alias")
-    assert (ev.user_id, ev.previous_id) == ("new", "old")
-    ev = one({"userId": "u", "groupId": "acme", "traits": {"plan": "pro"}}, "group")
-    assert ev.group_id == "acme"
-    assert orjson.loads(ev.traits_json) == {"plan": "pro"}
+    row = one({"userId": "new", "previousId": "old"}, "alias")
+    assert (row["user_id"], row["previous_id"]) == ("new", "old")
+    row = one({"userId": "u", "groupId": "acme", "traits": {"plan": "pro"}}, "group")
+    assert row["group_id"] == "acme"
+    assert row["traits"] == {"plan": "pro"}
 
 
 @pytest.mark.parametrize(
@@ -208,27 +246,27 @@ def test_alias_and_group_ids() -> None:
     [(42, "42"), (-7, "-7"), (12345678901234567890, "12345678901234567890"), (42.0, "42"), (1.5, "1.5")],
 )
 def test_numeric_ids_become_strings(value: Any, expected: str) -> None:
-    ev = one(
-        {"userId": value, "anonymousId": value, "groupId": value, "previousId": value, "messageId": value}
-    )
-    assert ev.user_id == ev.anonymous_id == ev.group_id == ev.previous_id == ev.message_id == expected
+    row = one({"userId": value, "anonymousId": value, "messageId": value, "event": "e"})
+    assert row["user_id"] == row["anonymous_id"] == row["message_id"] == expected
+    assert one({"userId": value, "groupId": value}, "group")["group_id"] == expected
+    assert one({"userId": "u", "previousId": value}, "alias")["previous_id"] == expected
 
 
 def test_null_fields_are_absent() -> None:
     # analytics-python sends "anonymousId": null next to a userId.
-    ev = one(
+    row = one(
         {
             "userId": "u",
             "anonymousId": None,
             "properties": None,
             "context": None,
             "timestamp": None,
-            "event": None,
+            "event": "e",
         }
     )
-    assert ev.anonymous_id == ""
-    assert ev.properties_json == b""
-    assert not ev.HasField("original_timestamp")
+    assert row["anonymous_id"] is None
+    assert row["properties"] is None
+    assert row["original_timestamp"] is None
 
 
 @pytest.mark.parametrize("field", ["userId", "anonymousId", "previousId", "groupId", "messageId"])
@@ -236,51 +274,74 @@ def test_null_fields_are_absent() -> None:
     ("value", "kind"), [({"id": 1}, "an object"), ([1], "an array"), (True, "a boolean")]
 )
 def test_ids_that_are_not_strings_or_numbers(field: str, value: Any, kind: str) -> None:
-    err = bad({"userId": "u", field: value})
-    assert (err.index, err.field, err.reason) == (0, field, "INVALID_TYPE")
-    assert kind in err.description
+    _, got_field, reason, description = bad({"userId": "u", "event": "e", field: value})
+    assert (got_field, reason) == (field, "INVALID_TYPE")
+    assert kind in description
 
 
 @pytest.mark.parametrize("field", ["properties", "traits", "context", "integrations"])
 @pytest.mark.parametrize(("value", "kind"), [([1], "an array"), ("x", "a string"), (3, "a number")])
 def test_free_form_fields_must_be_objects(field: str, value: Any, kind: str) -> None:
-    err = bad({"userId": "u", "messageId": "m-9", field: value})
-    assert (err.field, err.reason, err.message_id) == (field, "INVALID_TYPE", "m-9")
-    assert f"{field} must be a JSON object, got {kind}" == err.description
+    message_id, got_field, reason, description = bad({"userId": "u", "messageId": "m-9", field: value})
+    assert (got_field, reason, message_id) == (field, "INVALID_TYPE", "m-9")
+    assert f"{field} must be a JSON object, got {kind}" == description
 
 
 @pytest.mark.parametrize(("field", "value"), [("event", 5), ("event", {"a": 1}), ("name", ["x"])])
 def test_event_and_name_must_be_strings(field: str, value: Any) -> None:
-    err = bad({"userId": "u", field: value}, "page" if field == "name" else "track")
-    assert (err.field, err.reason) == (field, "INVALID_TYPE")
+    _, got_field, reason, _ = bad({"userId": "u", field: value}, "page" if field == "name" else "track")
+    assert (got_field, reason) == (field, "INVALID_TYPE")
+
+
+def at(seconds: int, micros: int = 0) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds, microseconds=micros)
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("2024-05-01T12:00:00Z", ts(1714564800)),
-        ("2024-05-01T12:00:00.123Z", ts(1714564800, 123_000_000)),
-        ("2024-05-01T12:00:00.123456789Z", ts(1714564800, 123_456_000)),
-        ("2024-05-01T14:00:00+02:00", ts(1714564800)),
-        ("2024-05-01T07:30:00.5-04:30", ts(1714564800, 500_000_000)),
-        ("2024-05-01T12:00:00", ts(1714564800)),  # no offset: UTC
-        ("1969-12-31T23:59:59.5Z", ts(-1, 500_000_000)),
+        ("2024-05-01T12:00:00Z", at(1714564800)),
+        ("2024-05-01T12:00:00.123Z", at(1714564800, 123_000)),
+        ("2024-05-01T12:00:00.123456789Z", at(1714564800, 123_456)),
+        ("2024-05-01T14:00:00+02:00", at(1714564800)),
+        ("2024-05-01T07:30:00.5-04:30", at(1714564800, 500_000)),
+        ("2024-05-01T12:00:00", at(1714564800)),  # no offset: UTC
+        ("1969-12-31T23:59:59.5Z", at(-1, 500_000)),
     ],
 )
-def test_timestamps(text: str, expected: tuple[int, int]) -> None:
-    ev = one({"userId": "u", "timestamp": text, "sentAt": text})
-    assert as_tuple(ev.original_timestamp) == expected
-    assert as_tuple(ev.sent_at) == expected
-    assert ev.original_timestamp.ToDatetime(tzinfo=UTC) <= datetime(2024, 5, 1, 12, 0, 1, tzinfo=UTC)
+def test_timestamps(text: str, expected: datetime) -> None:
+    row = one({"userId": "u", "event": "e", "timestamp": text, "sentAt": text})
+    assert row["original_timestamp"] == expected
+    assert row["sent_at"] == expected
+    assert row["original_timestamp"].utcoffset() == timedelta(0)
+    # No clock skew between the call and the send: the event happened when it was received.
+    assert row["timestamp"] == RECEIVED
 
 
 def test_original_timestamp_is_accepted_and_timestamp_wins() -> None:
-    ev = one({"userId": "u", "originalTimestamp": "2024-05-01T12:00:00Z"})
-    assert as_tuple(ev.original_timestamp) == ts(1714564800)
-    ev = one(
-        {"userId": "u", "originalTimestamp": "2024-05-01T12:00:00Z", "timestamp": "2024-05-01T12:00:01Z"}
+    row = one({"userId": "u", "event": "e", "originalTimestamp": "2024-05-01T12:00:00Z"})
+    assert row["original_timestamp"] == at(1714564800)
+    row = one(
+        {
+            "userId": "u",
+            "event": "e",
+            "originalTimestamp": "2024-05-01T12:00:00Z",
+            "timestamp": "2024-05-01T12:00:01Z",
+        }
     )
-    assert as_tuple(ev.original_timestamp) == ts(1714564801)
+    assert row["original_timestamp"] == at(1714564801)
+
+
+def test_clocks_at_the_ends_of_the_calendar_are_clean_answers() -> None:
+    # The skew correction would leave the calendar: the device's own time is kept.
+    row = one(
+        {"userId": "u", "event": "e", "timestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T23:59:59Z"}
+    )
+    assert row["timestamp"] == row["original_timestamp"] == datetime(1, 1, 1, tzinfo=UTC)
+    # An instant before year 1 in UTC cannot be stored: it counts as not sent.
+    row = one({"userId": "u", "event": "e", "timestamp": "0001-01-01T00:00:00+01:00"})
+    assert row["original_timestamp"] is None
+    assert row["timestamp"] == RECEIVED
 
 
 @pytest.mark.parametrize("field", ["timestamp", "originalTimestamp", "sentAt"])
@@ -295,51 +356,51 @@ def test_original_timestamp_is_accepted_and_timestamp_wins() -> None:
     ],
 )
 def test_bad_timestamps(field: str, value: Any, reason: str) -> None:
-    err = bad({"userId": "u", field: value})
-    assert (err.field, err.reason) == (field, reason)
-    assert field in err.description
+    _, got_field, got_reason, description = bad({"userId": "u", "event": "e", field: value})
+    assert (got_field, got_reason) == (field, reason)
+    assert field in description
 
 
 def test_page_name_falls_back_to_properties_and_keeps_category() -> None:
-    ev = one(
+    row = one(
         {"userId": "u", "properties": {"name": "Pricing", "path": "/pricing"}, "category": "Docs"}, "page"
     )
-    assert ev.name == "Pricing"
-    assert orjson.loads(ev.properties_json) == {"name": "Pricing", "path": "/pricing", "category": "Docs"}
-    ev = one({"userId": "u", "name": "Home", "properties": {"name": "Other"}}, "page")
-    assert ev.name == "Home"
-    ev = one({"userId": "u", "category": "Onboarding"}, "screen")
-    assert orjson.loads(ev.properties_json) == {"category": "Onboarding"}
+    assert row["name"] == "Pricing"
+    assert row["properties"] == {"name": "Pricing", "path": "/pricing", "category": "Docs"}
+    row = one({"userId": "u", "name": "Home", "properties": {"name": "Other"}}, "page")
+    assert row["name"] == "Home"
+    row = one({"userId": "u", "category": "Onboarding"}, "screen")
+    assert row["properties"] == {"category": "Onboarding"}
     # Only page and screen take the name from the properties.
-    ev = one({"userId": "u", "event": "e", "properties": {"name": "x"}}, "track")
-    assert ev.name == ""
+    row = one({"userId": "u", "event": "e", "properties": {"name": "x"}}, "track")
+    assert row["name"] is None
 
 
 def test_identify_traits_in_context_stay_in_context() -> None:
-    ev = one({"anonymousId": "a", "context": {"traits": {"email": "x@example.com"}}}, "identify")
-    assert ev.traits_json == b""
-    assert orjson.loads(ev.context_json)["traits"] == {"email": "x@example.com"}
+    row = one({"anonymousId": "a", "context": {"traits": {"email": "x@example.com"}}}, "identify")
+    assert row["traits"] is None
+    assert row["context"]["traits"] == {"email": "x@example.com"}
 
 
-def test_typed_mirrors_come_from_context() -> None:
+def test_context_is_kept_and_a_mobile_referrer_counts_as_the_page_referrer() -> None:
     context = {
         "ip": "203.0.113.9",
         "userAgent": "Mozilla/5.0",
-        "page": {"url": "https://shop.example/?utm_source=x", "referrer": "https://news.example/"},
+        "page": {"url": "https://shop.example/", "referrer": "https://news.example/"},
         "device": {"id": "dev-1", "advertisingId": "idfa-1", "token": "push-1"},
     }
-    ev = one({"userId": "u", "context": context}, "page")
-    assert (ev.ip, ev.user_agent, ev.page_url, ev.referrer) == (
-        "203.0.113.9",
-        "Mozilla/5.0",
-        "https://shop.example/?utm_source=x",
-        "https://news.example/",
+    row = one({"userId": "u", "context": context}, "page")
+    assert row["context"] == context
+    # A mobile referrer (deep link) when there is no page referrer; odd types are left as they are.
+    row = one(
+        {"userId": "u", "event": "e", "context": {"referrer": {"url": "app://x"}, "ip": 5, "device": "phone"}}
     )
-    assert (ev.device_id, ev.advertising_id, ev.device_token) == ("dev-1", "idfa-1", "push-1")
-    assert orjson.loads(ev.context_json) == context
-    # A mobile referrer (deep link) when there is no page referrer; odd types are left in context only.
-    ev = one({"userId": "u", "context": {"referrer": {"url": "app://x"}, "ip": 5, "device": "phone"}})
-    assert (ev.referrer, ev.ip, ev.device_id) == ("app://x", "", "")
+    assert row["context"] == {
+        "referrer": {"url": "app://x"},
+        "ip": 5,
+        "device": "phone",
+        "page": {"referrer": "app://x"},
+    }
 
 
 def test_single_message_over_32_kb_is_refused() -> None:
@@ -356,6 +417,15 @@ def test_single_message_over_32_kb_is_refused() -> None:
 def batch(messages: list[Any], **top: Any) -> segment.Translation:
     raw = orjson.dumps({"batch": messages, **top})
     return segment.translate(orjson.loads(raw), "batch", len(raw))
+
+
+def rows(tr: segment.Translation) -> list[dict[str, Any]]:
+    out = []
+    for data in tr.messages:
+        p = stored(data)
+        assert isinstance(p, domain.Prepared), p
+        out.append(as_row(p))
+    return out
 
 
 def test_batch_types_and_top_level_fields_apply_to_each_message() -> None:
@@ -381,16 +451,16 @@ def test_batch_types_and_top_level_fields_apply_to_each_message() -> None:
     assert tr.errors == []
     assert tr.write_key == "wk"
     assert tr.indices == [0, 1, 2, 3, 4, 5]
-    assert [e.type for e in tr.events] == [1, 2, 3, 4, 5, 6]
-    contexts = [orjson.loads(e.context_json) for e in tr.events]
-    assert contexts[0] == {"library": {"name": "analytics-go"}, "ip": "198.51.100.1"}
+    got = rows(tr)
+    assert [r["type"] for r in got] == ["identify", "track", "page", "screen", "group", "alias"]
+    assert got[0]["context"] == {"library": {"name": "analytics-go"}, "ip": "198.51.100.1"}
     # The message's own keys win, key by key at the top level.
-    assert contexts[1] == {"library": {"name": "mine"}, "ip": "198.51.100.1", "locale": "fr"}
-    assert all(e.ip == "198.51.100.1" for e in tr.events)
-    assert orjson.loads(tr.events[0].integrations_json) == {"All": True, "X": True}
-    assert orjson.loads(tr.events[2].integrations_json) == {"All": True, "X": False}
-    assert as_tuple(tr.events[0].sent_at) == ts(1714564800)
-    assert as_tuple(tr.events[2].sent_at) == ts(1714521600)
+    assert got[1]["context"] == {"library": {"name": "mine"}, "ip": "198.51.100.1", "locale": "fr"}
+    assert all(r["context"]["ip"] == "198.51.100.1" for r in got)
+    assert got[0]["integrations"] == {"All": True, "X": True}
+    assert got[2]["integrations"] == {"All": True, "X": False}
+    assert got[0]["sent_at"] == at(1714564800)
+    assert got[2]["sent_at"] == at(1714521600)
 
 
 def test_repeated_per_message_sent_at_is_parsed_once_and_right() -> None:
@@ -402,8 +472,14 @@ def test_repeated_per_message_sent_at_is_parsed_once_and_right() -> None:
             {"type": "track", "userId": "u", "event": "e"},
         ]
     )
-    assert [as_tuple(e.sent_at) for e in tr.events[:3]] == [ts(1714521600), ts(1714521600), ts(1714521601)]
-    assert not tr.events[3].HasField("sent_at")
+    times: dict[str, domain.PgTime | None] = {}
+    got = []
+    for data in tr.messages:
+        p = domain.prepare_json(data, source=SOURCE, received_at=RECEIVED, client_ip="", times=times)
+        assert isinstance(p, domain.Prepared)
+        got.append(as_row(p)["sent_at"])
+    assert got == [at(1714521600), at(1714521600), at(1714521601), None]
+    assert len(times) == 2
 
 
 def test_batch_per_message_errors_keep_batch_indices() -> None:
@@ -418,24 +494,27 @@ def test_batch_per_message_errors_keep_batch_indices() -> None:
             {"type": ["track"], "userId": "u"},
         ]
     )
-    assert [e.event for e in tr.events] == ["ok-0", "ok-5"]
-    assert tr.indices == [0, 5]
+    # The gateway refuses what it cannot send; a field of the wrong type is ingest's to reject.
+    assert tr.indices == [0, 4, 5]
     assert tr.total == 7
     got = [(e.index, e.message_id, e.field, e.reason) for e in tr.errors]
     assert got == [
         (1, "", "type", "INVALID_VALUE"),
         (2, "m-2", "type", "REQUIRED"),
         (3, "", "message", "INVALID_TYPE"),
-        (4, "m-4", "userId", "INVALID_TYPE"),
         (6, "", "type", "INVALID_VALUE"),
     ]
     assert "'launch'" in tr.errors[0].description
+    rejected = stored(tr.messages[1])
+    assert isinstance(rejected, domain.Rejected)
+    assert rejected.message_id == "m-4"
+    assert [(v.field, v.reason) for v in rejected.violations] == [("userId", "INVALID_TYPE")]
 
 
 def test_oversize_message_in_a_batch_is_rejected_alone() -> None:
     big = {"type": "track", "userId": "u", "event": "e", "properties": {"b": "x" * segment.MAX_MESSAGE_BYTES}}
     tr = batch([{"type": "track", "userId": "u", "event": "small"}, big])
-    assert [e.event for e in tr.events] == ["small"]
+    assert [r["event"] for r in rows(tr)] == ["small"]
     assert [(e.index, e.field, e.reason) for e in tr.errors] == [(1, "message", "TOO_LARGE")]
 
 
@@ -460,12 +539,12 @@ def test_batch_request_errors(body: dict[str, Any], code: str, words: str) -> No
 def test_import_and_b_routes_are_batches() -> None:
     for route in ("import", "b"):
         raw = orjson.dumps({"batch": [{"type": "track", "userId": "u", "event": "e"}]})
-        assert len(segment.translate(orjson.loads(raw), route, len(raw)).events) == 1
+        assert len(segment.translate(orjson.loads(raw), route, len(raw)).messages) == 1
 
 
 def test_exactly_2500_messages_is_allowed() -> None:
     tr = batch([{"type": "track", "userId": str(i), "event": "e"} for i in range(segment.MAX_BATCH_MESSAGES)])
-    assert len(tr.events) == segment.MAX_BATCH_MESSAGES
+    assert len(tr.messages) == segment.MAX_BATCH_MESSAGES
 
 
 # -- merging ingest's answer ---------------------------------------------------------------
@@ -482,16 +561,18 @@ def test_merge_results_maps_to_batch_indices() -> None:
         ]
     )
     assert tr.indices == [0, 2, 3, 4]
+    # Only the exceptions, each with its index in the request (accepted ones are implied).
     response = pb.WriteEventsResponse(
         results=[
-            pb.MessageResult(message_id="m0", outcome=pb.OUTCOME_ACCEPTED),
             pb.MessageResult(
+                index=1,
                 message_id="m2",
                 outcome=pb.OUTCOME_REJECTED,
                 violations=[pb.FieldViolation(field="userId", reason="REQUIRED", description="need an id")],
             ),
-            pb.MessageResult(message_id="m3", outcome=pb.OUTCOME_DUPLICATE),
+            pb.MessageResult(index=2, message_id="m3", outcome=pb.OUTCOME_DUPLICATE),
             pb.MessageResult(
+                index=3,
                 message_id="m4",
                 outcome=pb.OUTCOME_REJECTED,
                 violations=[
@@ -526,23 +607,36 @@ def test_suppressed_messages_are_not_errors() -> None:
         [{"type": "track", "userId": "u", "event": "a"}, {"type": "track", "userId": "gone", "event": "b"}]
     )
     response = pb.WriteEventsResponse(
-        results=[
-            pb.MessageResult(message_id="m0", outcome=pb.OUTCOME_ACCEPTED),
-            pb.MessageResult(message_id="m1", outcome=pb.OUTCOME_SUPPRESSED),
-        ]
+        results=[pb.MessageResult(index=1, message_id="m1", outcome=pb.OUTCOME_SUPPRESSED)],
+        accepted=1,
+        suppressed=1,
     )
     out = segment.merge_results(tr, response)
     assert (out.accepted, out.duplicates, out.suppressed, out.errors) == (1, 0, 1, [])
 
 
-def test_merge_results_refuses_a_short_answer() -> None:
+@pytest.mark.parametrize(
+    "response",
+    [
+        # A message neither accepted nor answered for.
+        pb.WriteEventsResponse(accepted=1),
+        # An answer for a message the request does not have.
+        pb.WriteEventsResponse(accepted=1, results=[pb.MessageResult(index=2, outcome=pb.OUTCOME_DUPLICATE)]),
+        # An accepted message listed among the exceptions (an ingest that ignored the option).
+        pb.WriteEventsResponse(
+            results=[
+                pb.MessageResult(outcome=pb.OUTCOME_ACCEPTED),
+                pb.MessageResult(outcome=pb.OUTCOME_ACCEPTED),
+            ]
+        ),
+    ],
+)
+def test_merge_results_refuses_an_answer_that_does_not_add_up(response: pb.WriteEventsResponse) -> None:
     tr = batch(
         [{"type": "track", "userId": "u", "event": "a"}, {"type": "track", "userId": "u", "event": "b"}]
     )
     with pytest.raises(RuntimeError):
-        segment.merge_results(
-            tr, pb.WriteEventsResponse(results=[pb.MessageResult(outcome=pb.OUTCOME_ACCEPTED)])
-        )
+        segment.merge_results(tr, response)
 
 
 # -- client IP and settings ----------------------------------------------------------------

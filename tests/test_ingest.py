@@ -409,3 +409,187 @@ async def test_rows_whose_caller_gave_up_are_not_written(pool, source) -> None:
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     await writer.stop()
     assert await stored(pool, sid) == []
+
+
+# -- the lean form (messages_json) and compact answers ---------------------------------------
+
+
+def js(**fields: object) -> bytes:
+    """One message of the lean form: a Segment JSON object."""
+    import orjson
+
+    return orjson.dumps(fields)
+
+
+async def test_json_messages_are_normalised_and_stored_like_events(stub, pool, source) -> None:
+    key, sid = source
+    context = {
+        "page": {
+            "url": "https://shop.example/land?utm_campaign=toastday&utm_source=facebook&utm_x=y&fbclid=FB1",
+            "referrer": "https://www.facebook.com/",
+        },
+        "campaign": {"medium": "paid-social"},
+    }
+    resp = await stub.WriteEvents(
+        pb.WriteEventsRequest(
+            write_key=key,
+            client_ip="198.51.100.7",
+            messages_json=[
+                js(type="track", messageId="j1", userId=42, event="Order Completed",
+                   properties={"total": 12.5}, context=context,
+                   timestamp="2026-01-01T10:00:00Z", sentAt="2026-01-01T10:00:05Z"),
+                js(type="page", messageId="j2", anonymousId="a1", category="Docs", properties={"name": "Pricing"}),
+            ],
+        )
+    )  # fmt: skip
+    assert [r.outcome for r in resp.results] == [pb.OUTCOME_ACCEPTED, pb.OUTCOME_ACCEPTED]
+    assert [r.message_id for r in resp.results] == ["j1", "j2"]
+    rows = {r["message_id"]: r for r in await stored(pool, sid)}
+    j1, j2 = rows["j1"], rows["j2"]
+    assert (j1["type"], j1["user_id"], j1["event"], j1["properties"]) == (
+        "track",
+        "42",
+        "Order Completed",
+        {"total": 12.5},
+    )
+    assert j1["campaign"] == {"name": "toastday", "source": "facebook", "medium": "paid-social", "x": "y"}
+    assert j1["context"]["campaign"] == j1["campaign"]
+    assert j1["context"]["ip"] == "198.51.100.7"  # the device's IP when the client sent none
+    assert j1["click_ids"] == [{"kind": "fbclid", "network": "meta", "value": "FB1"}]
+    assert (j1["received_at"] - j1["timestamp"]).total_seconds() == pytest.approx(5.0, abs=1e-6)
+    assert j1["original_timestamp"].isoformat() == "2026-01-01T10:00:00+00:00"
+    assert (j2["type"], j2["name"], j2["properties"]) == (
+        "page",
+        "Pricing",
+        {"name": "Pricing", "category": "Docs"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason"),
+    [
+        (js(type="track", event="e", userId="undefined"), "userId", "JUNK_ID"),
+        (js(type="track", event="e"), "userId", "REQUIRED"),
+        (js(type="track", userId="u1"), "event", "REQUIRED"),
+        (js(type="alias", userId="u1", previousId="guest"), "previousId", "JUNK_ID"),
+        (js(type="group", userId="u1"), "groupId", "REQUIRED"),
+        (js(type="launch", userId="u1"), "type", "INVALID_VALUE"),
+        (js(userId="u1"), "type", "REQUIRED"),
+        (js(type="track", event="e", userId=["u1"]), "userId", "INVALID_TYPE"),
+        (js(type="track", event="e", userId="u1", properties=[1]), "properties", "INVALID_TYPE"),
+        (js(type="track", event="e", userId="u1", timestamp="yesterday"), "timestamp", "INVALID_TIMESTAMP"),
+        (js(type="track", event="e", userId="u1", messageId="m" * 101), "messageId", "TOO_LONG"),
+        (js(type="track", event="e", userId="u\x001"), "userId", "NUL_CHARACTER"),
+        (js(type="identify", userId="u1", traits={"a": "\x00"}), "traits", "NUL_CHARACTER"),
+        (js(type="track", event="e", userId="u1", properties={"x": "a" * 33_000}), "message", "TOO_LARGE"),
+        (b"{nope", "message", "INVALID_JSON"),
+        (b"[1]", "message", "INVALID_TYPE"),
+    ],
+)
+async def test_bad_json_message_rejected_with_field_and_reason(
+    stub, pool, source, data, field, reason
+) -> None:
+    key, sid = source
+    resp = await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, messages_json=[data]))
+    assert resp.rejected == 1 and resp.results[0].outcome == pb.OUTCOME_REJECTED
+    got = [(v.field, v.reason) for v in resp.results[0].violations]
+    assert (field, reason) in got, got
+    assert all(v.description for v in resp.results[0].violations)
+    assert await stored(pool, sid) == []
+
+
+async def test_compact_answers_list_only_the_exceptions_with_their_index(stub, pool, source) -> None:
+    """omit_accepted_results: events first, then messages_json, indexed over both; accepted
+    messages are only counted. A message stored before is a duplicate, the others of the same
+    batch are still stored (the dedup insert falls back from COPY to ON CONFLICT)."""
+    key, sid = source
+    await stub.WriteEvents(pb.WriteEventsRequest(write_key=key, events=[track("old")]))
+    resp = await stub.WriteEvents(
+        pb.WriteEventsRequest(
+            write_key=key,
+            omit_accepted_results=True,
+            events=[track("e0"), track("old"), ev.Event(type=TRACK, event="x", message_id="e2")],
+            messages_json=[
+                js(type="track", messageId="j3", userId="u1", event="e"),
+                js(type="track", messageId="j4", event="e"),
+                js(type="track", messageId="e0", userId="u1", event="e"),
+            ],
+        )
+    )
+    assert (resp.accepted, resp.duplicates, resp.rejected, resp.suppressed) == (2, 2, 2, 0)
+    assert [(r.index, r.message_id, r.outcome) for r in resp.results] == [
+        (1, "old", pb.OUTCOME_DUPLICATE),
+        (2, "e2", pb.OUTCOME_REJECTED),
+        (4, "j4", pb.OUTCOME_REJECTED),
+        (5, "e0", pb.OUTCOME_DUPLICATE),  # repeated within the request
+    ]
+    assert [(v.field, v.reason) for v in resp.results[1].violations] == [("userId", "REQUIRED")]
+    assert sorted(r["message_id"] for r in await stored(pool, sid)) == ["e0", "j3", "old"]
+    everything = await stub.WriteEvents(
+        pb.WriteEventsRequest(write_key=key, omit_accepted_results=True, messages_json=[js(type="track", messageId="j9", userId="u", event="e")])
+    )  # fmt: skip
+    assert (everything.accepted, list(everything.results)) == (1, [])
+
+
+async def test_json_messages_count_against_the_batch_limits(stub, pool, source) -> None:
+    key, sid = source
+    one = js(type="track", userId="u1", event="e")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.WriteEvents(
+            pb.WriteEventsRequest(write_key=key, events=[track("x")], messages_json=[one] * 2500)
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details_of(err.value).reason == "BATCH_TOO_LARGE"
+    assert await stored(pool, sid) == []
+
+
+async def test_json_messages_with_suppressed_identifiers_are_dropped(stub, pool) -> None:
+    space = "space_" + secrets.token_hex(4)
+    key = "wk_" + secrets.token_hex(8)
+    sid = await create_source(pool, write_key=key, name="s", space_id=space)
+    await stub.SuppressIdentifiers(
+        pb.SuppressIdentifiersRequest(space_id=space, identifiers=[ev.Identifier(kind="email", value="gone@x.com")])
+    )  # fmt: skip
+    resp = await stub.WriteEvents(
+        pb.WriteEventsRequest(
+            write_key=key,
+            omit_accepted_results=True,
+            messages_json=[
+                js(type="identify", messageId="s1", anonymousId="a1", traits={"email": " Gone@X.com"}),
+                js(type="track", messageId="s2", userId="u1", event="e", context={"traits": {"email": "gone@x.com"}}),
+                js(type="track", messageId="s3", userId="u1", event="e"),
+            ],
+        )
+    )  # fmt: skip
+    assert [(r.index, r.outcome) for r in resp.results] == [
+        (0, pb.OUTCOME_SUPPRESSED),
+        (1, pb.OUTCOME_SUPPRESSED),
+    ]
+    assert [r["message_id"] for r in await stored(pool, sid)] == ["s3"]
+
+
+async def test_an_idle_writer_gives_its_connections_back_unchanged(ingest, pool, source) -> None:
+    """The writer keeps a connection with its own codecs between commits, and closes it once
+    idle: other users of the pool never get it, and an idle writer holds none of the pool."""
+    from datetime import UTC, datetime
+
+    from services.ingest.domain import Prepared, Source, prepare
+    from services.ingest.writer import BatchWriter
+    from touchpoint.platform.testing import eventually
+
+    _, sid = source
+    writer = BatchWriter(pool)
+    writer.start()
+    try:
+        p = prepare(
+            track("idle1"), source=Source(sid, "default", True), received_at=datetime.now(UTC), client_ip=""
+        )
+        assert isinstance(p, Prepared)
+        assert await writer.write([p.row]) == set()
+        assert len(writer._idle) == 1
+        await eventually(lambda: not writer._idle)
+    finally:
+        await writer.stop()
+    assert [r["message_id"] for r in await stored(pool, sid)] == ["idle1"]
+    for _ in range(10):  # whichever connection the pool hands out keeps the shared codecs
+        assert await pool.fetchval("""select '{"a": 1}'::jsonb""") == {"a": 1}

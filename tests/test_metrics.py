@@ -111,11 +111,16 @@ async def test_every_service_metrics_output_passes_promtool(pg_server_url: str) 
             stub = id_grpc.IdentityServiceStub(ch)
 
             async def stitched() -> bool:
-                r = await stub.ResolveProfile(  # NOT_FOUND (an error) until the consumer stitched it
-                    id_pb.ResolveProfileRequest(
-                        space_id="default", identifier=ev.Identifier(kind="user_id", value="u1")
+                try:
+                    r = await stub.ResolveProfile(
+                        id_pb.ResolveProfileRequest(
+                            space_id="default", identifier=ev.Identifier(kind="user_id", value="u1")
+                        )
                     )
-                )
+                except grpc.aio.AioRpcError as err:  # NOT_FOUND until the consumer stitched it
+                    if err.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+                    return False
                 return bool(r.profile)
 
             await eventually(stitched, timeout=30)

@@ -116,20 +116,28 @@ class IngestWriter:
     async def WriteEvents(
         self, request: ingest_service_pb2.WriteEventsRequest, timeout: float | None = None
     ) -> ingest_service_pb2.WriteEventsResponse:
-        if request.ByteSize() <= INGEST_REQUEST_LIMIT:
+        if request.ByteSize() <= INGEST_REQUEST_LIMIT or len(request.events):
             return await self._call(request, timeout)
+        # The lean form only (the gateway sends no events); parts keep the request's options,
+        # and results are re-indexed to the whole request.
         answer = ingest_service_pb2.WriteEventsResponse()
-        part = ingest_service_pb2.WriteEventsRequest(write_key=request.write_key, client_ip=request.client_ip)
+        part = ingest_service_pb2.WriteEventsRequest(
+            write_key=request.write_key,
+            client_ip=request.client_ip,
+            omit_accepted_results=request.omit_accepted_results,
+        )
         size = part.ByteSize()
-        for event in request.events:
-            n = event.ByteSize() + 8
-            if len(part.events) and size + n > INGEST_REQUEST_LIMIT:
-                _add(answer, await self._call(part, timeout))
-                del part.events[:]
+        offset = 0
+        for message in request.messages_json:
+            n = len(message) + 8
+            if len(part.messages_json) and size + n > INGEST_REQUEST_LIMIT:
+                _add(answer, await self._call(part, timeout), offset)
+                offset += len(part.messages_json)
+                del part.messages_json[:]
                 size = part.ByteSize()
-            part.events.append(event)
+            part.messages_json.append(message)
             size += n
-        _add(answer, await self._call(part, timeout))
+        _add(answer, await self._call(part, timeout), offset)
         return answer
 
     async def _call(
@@ -145,7 +153,11 @@ class IngestWriter:
 INGEST_REQUEST_LIMIT = 480 * 1024
 
 
-def _add(total: ingest_service_pb2.WriteEventsResponse, part: ingest_service_pb2.WriteEventsResponse) -> None:
+def _add(
+    total: ingest_service_pb2.WriteEventsResponse, part: ingest_service_pb2.WriteEventsResponse, offset: int
+) -> None:
+    for result in part.results:
+        result.index += offset
     total.results.extend(part.results)
     total.accepted += part.accepted
     total.duplicates += part.duplicates
@@ -292,7 +304,7 @@ class Gateway:
         try:
             response = await self.stub.WriteEvents(request, timeout=self.settings.ingest_timeout_seconds)
         except grpc.RpcError as err:
-            MESSAGES.labels("failed").inc(len(translation.events))
+            MESSAGES.labels("failed").inc(len(translation.messages))
             MESSAGES.labels("invalid").inc(len(translation.errors))
             return _rpc_error(err)
         outcome = segment.merge_results(translation, response)

@@ -1,14 +1,16 @@
-"""Segment's HTTP tracking API as Touchpoint Events: body decoding and translation, no I/O.
+"""Segment's HTTP tracking API as IngestService requests: body decoding and translation, no I/O.
 
-The gateway only checks what the JSON types make impossible to carry in an Event (an object
-that is not an object, an id that is an array, a timestamp that is not ISO-8601, an unknown
-type). Everything the protocol requires of the values (userId or anonymousId, track's event,
-junk ids, messageId length...) is ingest's job, so that every gateway and gRPC client gets the
-same rules.
+The gateway checks only what makes a whole request unusable (a body that is not a JSON object,
+a batch that is not an array, a bad batch-level context/integrations/sentAt, too many messages)
+and, per message of a batch, that it is an object of a known type and not over 32 KB. Every
+other rule (the JSON type of each field, userId or anonymousId, track's event, junk ids,
+messageId length...) is ingest's job, so that every gateway and gRPC client gets the same rules
+and each message is checked once.
 
-The hot path is `translate()`: per message it does a few dict lookups, one orjson.dumps per
-free-form object and builds one protobuf Event in place in the request. Free-form objects stay
-JSON bytes (no google.protobuf.Struct), see event.proto.
+The hot path is `translate()`: messages travel to ingest in the lean form of
+WriteEventsRequest.messages_json, one orjson.dumps per message with the batch-level context,
+integrations and sentAt merged in; no protobuf Event is built, and ingest parses each message
+once. Ingest answers only the exceptions (omit_accepted_results).
 """
 
 from __future__ import annotations
@@ -52,16 +54,6 @@ SINGLE_ROUTES: dict[str, str] = {
 # Routes whose body is {"batch": [...]}; /v1/import is Segment's route for historical batches.
 BATCH_ROUTES = ("batch", "b", "import")
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ID_FIELDS = (
-    ("messageId", "message_id"),
-    ("userId", "user_id"),
-    ("anonymousId", "anonymous_id"),
-    ("previousId", "previous_id"),
-    ("groupId", "group_id"),
-)
-_PAGE_TYPES = (event_pb2.EVENT_TYPE_PAGE, event_pb2.EVENT_TYPE_SCREEN)
-
 
 class RequestError(Exception):
     """The whole request is refused with HTTP 400; `code` names what is wrong."""
@@ -96,9 +88,9 @@ class MessageError:
 class Translation:
     """The IngestService request, and the messages that could not be translated.
 
-    The events are built in place inside the request: copying 100 events into a request costs
-    as much as building them. `indices[i]` is the position in the client's batch of
-    `events[i]`, so that ingest's per-event results can be reported against that batch.
+    The messages are built in place inside the request (messages_json). `indices[i]` is the
+    position in the client's batch of the request's message i, so that ingest's results can
+    be reported against that batch.
     """
 
     # write_key and client_ip are left for the caller to set.
@@ -111,8 +103,9 @@ class Translation:
     total: int
 
     @property
-    def events(self) -> Sequence[event_pb2.Event]:
-        return self.request.events
+    def messages(self) -> Sequence[bytes]:
+        """The messages sent to ingest, as Segment JSON objects."""
+        return self.request.messages_json
 
 
 @dataclass(slots=True)
@@ -228,36 +221,8 @@ def decode_pixel_data(data: str | None) -> dict[str, Any]:
 # -- translation ---------------------------------------------------------------------------
 
 
-def _id(value: Any, field: str) -> str:
-    # Segment clients send numeric ids as JSON numbers (analytics-python's stringify_id
-    # accepts ints); they mean the same id as its decimal string.
-    if type(value) is str:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Invalid(field, "INVALID_TYPE", f"{field} must be a string or a number, got {_kind(value)}")
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return str(int(value))  # 42.0 is the id 42, as JavaScript would print it
-    return str(value)
-
-
-def _str(value: Any, field: str) -> str:
-    if type(value) is str:
-        return value
-    raise _Invalid(field, "INVALID_TYPE", f"{field} must be a string, got {_kind(value)}")
-
-
-def _object(value: Any, field: str) -> dict[str, Any]:
-    if type(value) is dict:
-        return value
-    raise _Invalid(field, "INVALID_TYPE", f"{field} must be a JSON object, got {_kind(value)}")
-
-
-def parse_timestamp(value: Any, field: str) -> dict[str, int]:
-    """An ISO-8601 string ('Z' or an offset, any fraction digits) as a Timestamp; no offset
-    means UTC. Precision is kept to the microsecond, as Postgres stores it.
-
-    The result is the Timestamp as a dict, which the Event constructor takes at a third of the
-    cost of a Timestamp object."""
+def parse_timestamp(value: Any, field: str) -> datetime:
+    """An ISO-8601 string ('Z' or an offset, any fraction digits); no offset means UTC."""
     if type(value) is not str:
         raise _Invalid(field, "INVALID_TYPE", f"{field} must be an ISO-8601 string, got {_kind(value)}")
     try:
@@ -266,164 +231,22 @@ def parse_timestamp(value: Any, field: str) -> dict[str, int]:
         raise _Invalid(
             field, "INVALID_TIMESTAMP", f"{field} is not an ISO-8601 date-time: {value[:64]!r}"
         ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    delta = dt - _EPOCH
-    return {"seconds": delta.days * 86400 + delta.seconds, "nanos": delta.microseconds * 1000}
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=UTC)
 
 
-@dataclass(slots=True)
-class _BatchDefaults:
-    """A batch's top-level context, integrations and sentAt, which apply to each message."""
-
-    context: dict[str, Any] | None = None
-    context_json: bytes = b""
-    integrations: dict[str, Any] | None = None
-    integrations_json: bytes = b""
-    sent_at: dict[str, int] | None = None
-    # The last per-message sentAt string parsed, and its value: clients that put sentAt on
-    # each message give the whole batch the same one, so it is parsed once.
-    last_sent_at: str = ""
-    last_sent_at_value: dict[str, int] | None = None
-
-
-_NO_DEFAULTS = _BatchDefaults()
-
-
-def _set_mirrors(context: dict[str, Any], kw: dict[str, Any]) -> None:
-    """The typed copies of context fields that services act on without parsing the JSON."""
-    value = context.get("ip")
-    if type(value) is str and value:
-        kw["ip"] = value
-    value = context.get("userAgent")
-    if type(value) is str and value:
-        kw["user_agent"] = value
-    page = context.get("page")
-    referrer = None
-    if type(page) is dict:
-        value = page.get("url")
-        if type(value) is str and value:
-            kw["page_url"] = value
-        referrer = page.get("referrer")
-    if not (type(referrer) is str and referrer):
-        ref = context.get("referrer")
-        referrer = ref.get("url") if type(ref) is dict else None
-    if type(referrer) is str and referrer:
-        kw["referrer"] = referrer
-    device = context.get("device")
-    if type(device) is dict:
-        value = device.get("id")
-        if type(value) is str and value:
-            kw["device_id"] = value
-        value = device.get("advertisingId")
-        if type(value) is str and value:
-            kw["advertising_id"] = value
-        value = device.get("token")
-        if type(value) is str and value:
-            kw["device_token"] = value
-
-
-def translate_message(
-    msg: dict[str, Any], event_type: int, defaults: _BatchDefaults = _NO_DEFAULTS
-) -> event_pb2.Event:
-    """One Segment message as an Event; raises _Invalid naming the first bad field."""
-    return event_pb2.Event(**_event_fields(msg, event_type, defaults))
-
-
-def _event_fields(msg: dict[str, Any], event_type: int, defaults: _BatchDefaults) -> dict[str, Any]:
-    """One Segment message as Event constructor arguments, so that the event can be built in
-    place with `request.events.add(**fields)`; raises _Invalid naming the first bad field."""
-    kw: dict[str, Any] = {"type": event_type}
-    get = msg.get
-    for json_name, proto_name in _ID_FIELDS:
-        value = get(json_name)
-        if value is not None:
-            kw[proto_name] = _id(value, json_name)
-    value = get("event")
-    if value is not None:
-        kw["event"] = _str(value, "event")
-
-    properties = get("properties")
-    if properties is not None:
-        properties = _object(properties, "properties")
-    if event_type in _PAGE_TYPES:
-        name = get("name")
-        if name is not None:
-            kw["name"] = _str(name, "name")
-        elif properties is not None and type(properties.get("name")) is str:
-            kw["name"] = properties["name"]
-        # The Event has no category: keep Segment's page/screen category in the properties,
-        # where analytics.js puts it too.
-        category = get("category")
-        if type(category) is str and category:
-            if properties is None:
-                properties = {"category": category}
-            elif "category" not in properties:
-                properties["category"] = category
-    else:
-        name = get("name")
-        if name is not None:
-            kw["name"] = _str(name, "name")
-    if properties:
-        kw["properties_json"] = orjson.dumps(properties)
-
-    traits = get("traits")
-    if traits is not None and _object(traits, "traits"):
-        kw["traits_json"] = orjson.dumps(traits)
-
-    context = get("context")
-    if context is None:
-        context = defaults.context
-        if defaults.context_json:
-            kw["context_json"] = defaults.context_json
-    else:
-        context = _object(context, "context")
-        if defaults.context:
-            # Top-level keys of the message's own context win over the batch's.
-            context = {**defaults.context, **context}
-        if context:
-            kw["context_json"] = orjson.dumps(context)
-    if context:
-        _set_mirrors(context, kw)
-
-    integrations = get("integrations")
-    if integrations is None:
-        if defaults.integrations_json:
-            kw["integrations_json"] = defaults.integrations_json
-    else:
-        integrations = _object(integrations, "integrations")
-        if defaults.integrations:
-            integrations = {**defaults.integrations, **integrations}
-        if integrations:
-            kw["integrations_json"] = orjson.dumps(integrations)
-
-    # Segment's "timestamp" is the device time of the call; RudderStack names it
-    # originalTimestamp. When both are sent, the explicit "timestamp" wins (it is the field
-    # Segment's import and backfill docs tell callers to set).
-    value = get("timestamp")
-    if value is not None:
-        kw["original_timestamp"] = parse_timestamp(value, "timestamp")
-    else:
-        value = get("originalTimestamp")
-        if value is not None:
-            kw["original_timestamp"] = parse_timestamp(value, "originalTimestamp")
-    value = get("sentAt")
-    if value is not None:
-        if value == defaults.last_sent_at and defaults.last_sent_at_value is not None:
-            kw["sent_at"] = defaults.last_sent_at_value
-        else:
-            parsed = parse_timestamp(value, "sentAt")
-            kw["sent_at"] = parsed
-            if defaults is not _NO_DEFAULTS:
-                defaults.last_sent_at, defaults.last_sent_at_value = value, parsed
-    elif defaults.sent_at is not None:
-        kw["sent_at"] = defaults.sent_at
-    return kw
+def _object(value: Any, field: str) -> dict[str, Any]:
+    if type(value) is dict:
+        return value
+    raise _Invalid(field, "INVALID_TYPE", f"{field} must be a JSON object, got {_kind(value)}")
 
 
 def _message_id(msg: Any) -> str:
     value = msg.get("messageId") if type(msg) is dict else None
     return value if type(value) is str else ""
+
+
+def _new_request() -> ingest_service_pb2.WriteEventsRequest:
+    return ingest_service_pb2.WriteEventsRequest(omit_accepted_results=True)
 
 
 def translate_single(body: dict[str, Any], type_name: str, body_size: int) -> Translation:
@@ -434,13 +257,19 @@ def translate_single(body: dict[str, Any], type_name: str, body_size: int) -> Tr
         )
     key = body.get("writeKey")
     write_key = key if type(key) is str else ""
-    request = ingest_service_pb2.WriteEventsRequest()
-    try:
-        request.events.add(**_event_fields(body, EVENT_TYPES[type_name], _NO_DEFAULTS))
-    except _Invalid as bad:
-        error = MessageError(0, _message_id(body), bad.field, bad.reason, bad.description)
-        return Translation(request, [], [error], write_key, 1)
+    body["type"] = type_name  # the route wins over a "type" in the body
+    request = _new_request()
+    request.messages_json.append(orjson.dumps(body))
     return Translation(request, [0], [], write_key, 1)
+
+
+@dataclass(slots=True)
+class _BatchDefaults:
+    """A batch's top-level context, integrations and sentAt, which apply to each message."""
+
+    context: dict[str, Any] | None = None
+    integrations: dict[str, Any] | None = None
+    sent_at: str | None = None
 
 
 def _batch_defaults(body: dict[str, Any]) -> _BatchDefaults:
@@ -450,17 +279,36 @@ def _batch_defaults(body: dict[str, Any]) -> _BatchDefaults:
         value = body.get("context")
         if value is not None and _object(value, "context"):
             defaults.context = value
-            defaults.context_json = orjson.dumps(value)
         value = body.get("integrations")
         if value is not None and _object(value, "integrations"):
             defaults.integrations = value
-            defaults.integrations_json = orjson.dumps(value)
         value = body.get("sentAt")
         if value is not None:
-            defaults.sent_at = parse_timestamp(value, "sentAt")
+            parse_timestamp(value, "sentAt")
+            defaults.sent_at = value
     except _Invalid as bad:
         raise RequestError("invalid_body", f"{bad.description} (top level of the batch)") from None
     return defaults
+
+
+def _merge_defaults(msg: dict[str, Any], defaults: _BatchDefaults) -> None:
+    """Lays the batch's context, integrations and sentAt under the message's own: top-level
+    keys of the message's context and integrations win. A value of the wrong JSON type is left
+    for ingest to reject with its field."""
+    if defaults.context is not None:
+        context = msg.get("context")
+        if context is None:
+            msg["context"] = defaults.context
+        elif type(context) is dict:
+            msg["context"] = {**defaults.context, **context}
+    if defaults.integrations is not None:
+        integrations = msg.get("integrations")
+        if integrations is None:
+            msg["integrations"] = defaults.integrations
+        elif type(integrations) is dict:
+            msg["integrations"] = {**defaults.integrations, **integrations}
+    if defaults.sent_at is not None and msg.get("sentAt") is None:
+        msg["sentAt"] = defaults.sent_at
 
 
 def translate_batch(body: dict[str, Any], body_size: int) -> Translation:
@@ -477,12 +325,14 @@ def translate_batch(body: dict[str, Any], body_size: int) -> Translation:
     key = body.get("writeKey")
     write_key = key if type(key) is str else ""
     defaults = _batch_defaults(body)
+    merge = defaults.context is not None or defaults.integrations is not None or defaults.sent_at is not None
     # No message can be over the limit when the whole body is not: skip measuring then.
     measure = body_size > MAX_MESSAGE_BYTES
-    request = ingest_service_pb2.WriteEventsRequest()
-    add = request.events.add
+    request = _new_request()
+    messages: list[bytes] = []
     indices: list[int] = []
     errors: list[MessageError] = []
+    dumps = orjson.dumps
     for index, msg in enumerate(batch):
         if type(msg) is not dict:
             errors.append(
@@ -491,22 +341,8 @@ def translate_batch(body: dict[str, Any], body_size: int) -> Translation:
                 )
             )
             continue
-        if measure:
-            size = len(orjson.dumps(msg))
-            if size > MAX_MESSAGE_BYTES:
-                errors.append(
-                    MessageError(
-                        index,
-                        _message_id(msg),
-                        "message",
-                        "TOO_LARGE",
-                        f"the message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}",
-                    )
-                )
-                continue
         type_name = msg.get("type")
-        event_type = EVENT_TYPES.get(type_name) if type(type_name) is str else None
-        if event_type is None:
+        if type(type_name) is not str or type_name not in EVENT_TYPES:
             if type_name is None:
                 error = MessageError(
                     index, _message_id(msg), "type", "REQUIRED", "each message of a batch needs a type"
@@ -522,17 +358,28 @@ def translate_batch(body: dict[str, Any], body_size: int) -> Translation:
                 )
             errors.append(error)
             continue
-        try:
-            add(**_event_fields(msg, event_type, defaults))
-        except _Invalid as bad:
-            errors.append(MessageError(index, _message_id(msg), bad.field, bad.reason, bad.description))
+        if merge:
+            _merge_defaults(msg, defaults)
+        data = dumps(msg)
+        if measure and len(data) > MAX_MESSAGE_BYTES:
+            errors.append(
+                MessageError(
+                    index,
+                    _message_id(msg),
+                    "message",
+                    "TOO_LARGE",
+                    f"the message is {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES}",
+                )
+            )
             continue
+        messages.append(data)
         indices.append(index)
+    request.messages_json.extend(messages)
     return Translation(request, indices, errors, write_key, len(batch))
 
 
 def translate(body: dict[str, Any], route: str, body_size: int) -> Translation:
-    """The Events of a request to /v1/{route}; `body_size` is the decompressed body's length."""
+    """The ingest request for a request to /v1/{route}; `body_size` is the decompressed body's length."""
     if route in BATCH_ROUTES:
         return translate_batch(body, body_size)
     return translate_single(body, SINGLE_ROUTES[route], body_size)
@@ -545,22 +392,32 @@ _SUPPRESSED = ingest_service_pb2.OUTCOME_SUPPRESSED
 
 
 def merge_results(translation: Translation, response: ingest_service_pb2.WriteEventsResponse) -> Outcome:
-    """Ingest's per-event results joined with the translation errors, indexed as the client's batch."""
+    """Ingest's answer joined with the translation errors, indexed as the client's batch.
+
+    Ingest lists only the messages it did not accept (omit_accepted_results); every message
+    must be accounted for, as accepted or in a result, or this raises: never report success
+    for messages ingest did not account for."""
     results = response.results
-    if len(results) != len(translation.events):
-        # Never report success for events ingest did not account for.
-        raise RuntimeError(f"ingest answered {len(results)} results for {len(translation.events)} events")
-    accepted = duplicates = suppressed = 0
-    errors = list(translation.errors)
+    count = len(translation.messages)
     indices = translation.indices
-    for position, result in enumerate(results):
+    if response.accepted + len(results) != count:
+        raise RuntimeError(
+            f"ingest accounted for {response.accepted} accepted and {len(results)} other results "
+            f"of {count} messages"
+        )
+    duplicates = suppressed = 0
+    errors = list(translation.errors)
+    for result in results:
+        position = result.index
+        if not 0 <= position < count:
+            raise RuntimeError(f"ingest answered for message {position} of {count}")
         outcome = result.outcome
-        if outcome == _ACCEPTED:
-            accepted += 1
-        elif outcome == _DUPLICATE:
+        if outcome == _DUPLICATE:
             duplicates += 1
         elif outcome == _SUPPRESSED:
             suppressed += 1
+        elif outcome == _ACCEPTED:
+            raise RuntimeError("ingest listed an accepted message among the exceptions")
         else:
             index = indices[position]
             if result.violations:
@@ -572,4 +429,4 @@ def merge_results(translation: Translation, response: ingest_service_pb2.WriteEv
                 )
     if translation.errors and len(errors) > len(translation.errors):
         errors.sort(key=lambda e: e.index)  # stable: a message's violations keep their order
-    return Outcome(accepted, duplicates, suppressed, errors)
+    return Outcome(response.accepted, duplicates, suppressed, errors)

@@ -41,8 +41,9 @@ class IngestSettings:
     max_queued_rows: int = 50_000
     # Rows in one group commit at most.
     flush_max_rows: int = 2000
-    # Group commits in flight at once.
-    flush_concurrency: int = 3
+    # Group commits in flight at once (per worker process). Fewer, larger commits mean fewer
+    # round trips per event: 2 measured as fast as 3 with less CPU per event (bench/ingest).
+    flush_concurrency: int = 2
     # Seconds between maintenance rounds (partitions ahead, dedup pruning).
     maintenance_interval_seconds: float = 3600.0
     # Worker processes sharing the port (SO_REUSEPORT); per-event Python work is CPU-bound, so
@@ -58,7 +59,7 @@ class IngestSettings:
             source_cache_seconds=env_float("TOUCHPOINT_SOURCE_CACHE_SECONDS", 5.0),
             max_queued_rows=env_int("TOUCHPOINT_INGEST_MAX_QUEUED_ROWS", 50_000, minimum=2500),
             flush_max_rows=env_int("TOUCHPOINT_INGEST_FLUSH_MAX_ROWS", 2000, minimum=1),
-            flush_concurrency=env_int("TOUCHPOINT_INGEST_FLUSH_CONCURRENCY", 3, minimum=1),
+            flush_concurrency=env_int("TOUCHPOINT_INGEST_FLUSH_CONCURRENCY", 2, minimum=1),
             maintenance_interval_seconds=env_float("TOUCHPOINT_INGEST_MAINTENANCE_SECONDS", 3600.0),
             workers=env_int("TOUCHPOINT_INGEST_WORKERS", 1, minimum=1),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import grpc
@@ -98,7 +99,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             reason = "UNKNOWN_WRITE_KEY" if source is None else "SOURCE_DISABLED"
             REQUESTS_REFUSED.labels(reason).inc()
             raise unauthenticated(reason, "the write key is unknown or its source is disabled")
-        count = len(request.events)
+        events, messages_json = request.events, request.messages_json
+        count = len(events) + len(messages_json)
         if count > domain.MAX_BATCH_MESSAGES:
             REQUESTS_REFUSED.labels("BATCH_TOO_LARGE").inc()
             raise invalid_argument(
@@ -116,58 +118,105 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             )
 
         suppressed_ids = await self.suppressions.get(source.space_id)
+        collect = bool(suppressed_ids)
         received_at = datetime.now(UTC)
-        outcomes: list[pb.Outcome.ValueType] = [_DUPLICATE] * count
+        client_ip = request.client_ip
+        # Every message starts as accepted; the exceptions are recorded as they are found.
+        outcomes: list[pb.Outcome.ValueType] = [_ACCEPTED] * count
         ids: list[str] = [""] * count
         violations: dict[int, list[pb.FieldViolation]] = {}
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         row_index: dict[str, int] = {}
-        for i, msg in enumerate(request.events):
-            prepared = domain.prepare(
+        i = 0
+        # No message can be over its limit when the whole request is not: skip measuring then.
+        check_size = size > domain.MAX_MESSAGE_BYTES
+        for msg in events:
+            from_event = domain.prepare(
                 msg,
                 source=source,
                 received_at=received_at,
-                client_ip=request.client_ip,
-                collect_identifiers=bool(suppressed_ids),
+                client_ip=client_ip,
+                collect_identifiers=collect,
+                check_size=check_size,
             )
-            if isinstance(prepared, list):
-                outcomes[i] = _REJECTED
-                ids[i] = msg.message_id
-                violations[i] = prepared
-                for v in prepared:
-                    REJECTIONS.labels(v.field, v.reason).inc()
-                continue
-            ids[i] = prepared.message_id
-            if suppressed_ids and not suppressed_ids.isdisjoint(prepared.identifiers):
-                outcomes[i] = _SUPPRESSED
-                continue
-            if prepared.message_id in row_index:
-                continue  # repeated within the request: stored once, answered duplicate
-            row_index[prepared.message_id] = i
-            rows.append(prepared.row)
+            self._take(
+                from_event if isinstance(from_event, domain.Prepared) else domain.Rejected(msg.message_id, from_event),
+                i, outcomes, ids, violations, rows, row_index, suppressed_ids,
+            )  # fmt: skip
+            i += 1
+        if messages_json:
+            times: dict[str, domain.PgTime | None] = {}
+            for raw in messages_json:
+                prepared = domain.prepare_json(
+                    raw,
+                    source=source,
+                    received_at=received_at,
+                    client_ip=client_ip,
+                    collect_identifiers=collect,
+                    times=times,
+                )
+                self._take(prepared, i, outcomes, ids, violations, rows, row_index, suppressed_ids)
+                i += 1
 
         if rows:
-            stored = await self.writer.write(rows, timeout=context.time_remaining())
-            for _, message_id in stored:
-                outcomes[row_index[message_id]] = _ACCEPTED
+            duplicates = await self.writer.write(rows, timeout=context.time_remaining())
+            for _, message_id in duplicates:
+                outcomes[row_index[message_id]] = _DUPLICATE
 
         response = pb.WriteEventsResponse()
-        tally = {_ACCEPTED: 0, _DUPLICATE: 0, _REJECTED: 0, _SUPPRESSED: 0}
-        for i in range(count):
-            outcome = outcomes[i]
-            tally[outcome] += 1
-            if outcome == _REJECTED:
-                response.results.add(message_id=ids[i], outcome=outcome, violations=violations[i])
-            else:
-                response.results.add(message_id=ids[i], outcome=outcome)
-        response.accepted = tally[_ACCEPTED]
-        response.duplicates = tally[_DUPLICATE]
-        response.rejected = tally[_REJECTED]
-        response.suppressed = tally[_SUPPRESSED]
-        for outcome, label in ((_ACCEPTED, "accepted"), (_DUPLICATE, "duplicate"),
-                               (_REJECTED, "rejected"), (_SUPPRESSED, "suppressed")):  # fmt: skip
-            MESSAGES.labels(label).inc(tally[outcome])
+        accepted = outcomes.count(_ACCEPTED)
+        if request.omit_accepted_results:
+            if accepted < count:
+                add = response.results.add
+                for i, outcome in enumerate(outcomes):
+                    if outcome != _ACCEPTED:
+                        add(index=i, message_id=ids[i], outcome=outcome, violations=violations.get(i))
+        else:
+            add = response.results.add
+            for i in range(count):
+                outcome = outcomes[i]
+                if outcome == _REJECTED:
+                    add(message_id=ids[i], outcome=outcome, violations=violations[i])
+                else:
+                    add(message_id=ids[i], outcome=outcome)
+        response.accepted = accepted
+        response.duplicates = outcomes.count(_DUPLICATE)
+        response.rejected = len(violations)
+        response.suppressed = outcomes.count(_SUPPRESSED)
+        for n, label in ((accepted, "accepted"), (response.duplicates, "duplicate"),
+                         (response.rejected, "rejected"), (response.suppressed, "suppressed")):  # fmt: skip
+            if n:
+                MESSAGES.labels(label).inc(n)
         return response
+
+    @staticmethod
+    def _take(
+        prepared: domain.Prepared | domain.Rejected,
+        i: int,
+        outcomes: list[pb.Outcome.ValueType],
+        ids: list[str],
+        violations: dict[int, list[pb.FieldViolation]],
+        rows: list[tuple[Any, ...]],
+        row_index: dict[str, int],
+        suppressed_ids: frozenset[tuple[str, str]],
+    ) -> None:
+        """Records what happens to message i: rejected, suppressed, repeated, or a row to write."""
+        if type(prepared) is domain.Rejected:
+            outcomes[i] = _REJECTED
+            ids[i] = prepared.message_id
+            violations[i] = prepared.violations
+            for v in prepared.violations:
+                REJECTIONS.labels(v.field, v.reason).inc()
+            return
+        assert type(prepared) is domain.Prepared
+        message_id = ids[i] = prepared.message_id
+        if suppressed_ids and not suppressed_ids.isdisjoint(prepared.identifiers):
+            outcomes[i] = _SUPPRESSED
+        elif message_id in row_index:
+            outcomes[i] = _DUPLICATE  # repeated within the request: stored once, answered duplicate
+        else:
+            row_index[message_id] = i
+            rows.append(prepared.row)
 
     async def GetEvents(
         self, request: pb.GetEventsRequest, context: grpc.aio.ServicerContext

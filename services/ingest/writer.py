@@ -10,7 +10,9 @@ transaction, one COPY and one dedup insert for many requests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +45,18 @@ QUEUED_ROWS = Gauge(
 
 Key = tuple[str, str]
 
+# Seconds a writer connection may stay unused before it is closed (see BatchWriter._connection):
+# under load commits follow each other within milliseconds and keep it; an idle writer must not
+# hold connections that other users of the pool wait for.
+IDLE_SECONDS = 0.25
+
 
 @dataclass(slots=True)
 class _Pending:
     rows: list[tuple[Any, ...]]
     future: asyncio.Future[set[Key]]
-    keys: list[Key] = field(default_factory=list)
+    # Keys of rows that another request of the same group commit holds (answered duplicate).
+    taken: set[Key] = field(default_factory=set)
     # Loop time after which the caller has given up (its gRPC deadline); None: no deadline.
     deadline: float | None = None
 
@@ -72,6 +80,10 @@ class BatchWriter:
         self._task: asyncio.Task[None] | None = None
         self._flushes: set[asyncio.Task[None]] = set()
         self._closing = False
+        # Connections kept between group commits: (pool they came from, connection, loop time
+        # of their last use); see _connection.
+        self._idle: list[tuple[asyncpg.Pool, asyncpg.Connection, float]] = []
+        self._reaper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ingest-writer")
@@ -84,10 +96,69 @@ class BatchWriter:
             await self._task
         if self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        while self._idle:
+            owner, conn, _ = self._idle.pop()
+            await _discard(owner, conn)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of `self.pool` with the row codecs (store.use_row_codecs).
+
+        It is kept for the next commit while commits keep coming: handing it back costs a
+        round trip that resets the session, once per commit. After an error, at stop, or once
+        unused for IDLE_SECONDS, it is closed and given back, so that the pool never hands a
+        connection with these codecs to anyone else, and an idle writer holds none of the
+        pool's connections."""
+        pool = self.pool
+        conn = None
+        while self._idle:
+            owner, idle, _ = self._idle.pop()
+            if owner is pool and not idle.is_closed():
+                conn = idle
+                break
+            await _discard(owner, idle)
+        if conn is None:
+            conn = await pool.acquire()
+            try:
+                await store.use_row_codecs(conn)
+            except BaseException:
+                await _discard(pool, conn)
+                raise
+        try:
+            yield conn
+        except BaseException:
+            await _discard(pool, conn)
+            raise
+        if self._closing:
+            await _discard(pool, conn)
+            return
+        self._idle.append((pool, conn, asyncio.get_running_loop().time()))
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap(), name="ingest-writer-reaper")
+
+    async def _reap(self) -> None:
+        """Closes the connections unused for IDLE_SECONDS; ends when none is left."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._idle:
+                await asyncio.sleep(IDLE_SECONDS)
+                cutoff = loop.time() - IDLE_SECONDS
+                stale = [entry for entry in self._idle if entry[2] <= cutoff]
+                self._idle = [entry for entry in self._idle if entry[2] > cutoff]
+                for owner, conn, _ in stale:
+                    await _discard(owner, conn)
+        finally:
+            self._reaper = None
 
     async def write(self, rows: list[tuple[Any, ...]], timeout: float | None = None) -> set[Key]:
-        """Stores rows (distinct keys); returns the keys stored now. Raises when shedding load
-        or when the database fails (nothing of this call is then committed)."""
+        """Stores rows (distinct keys); returns the keys of the rows not stored because their
+        message was stored before (duplicates; usually none). Raises when shedding load or when
+        the database fails (nothing of this call is then committed)."""
         if self._closing:
             raise resource_exhausted("SHUTTING_DOWN", "ingest is shutting down; retry", 1.0)
         if self._queued_rows + len(rows) > self.max_queued_rows:
@@ -166,24 +237,38 @@ class BatchWriter:
             self._slots.release()
 
     async def _write(self, batch: list[_Pending]) -> None:
-        owned: set[Key] = set()
-        rows: list[tuple[Any, ...]] = []
-        for p in batch:
-            p.keys = []
-            for r in p.rows:
-                key = (r[store._SOURCE_ID], r[store._MESSAGE_ID])
-                if key in owned:
-                    continue  # the same message in two concurrent requests: the first one owns it
-                owned.add(key)
-                p.keys.append(key)
-                rows.append(r)
+        if len(batch) == 1:
+            rows = batch[0].rows
+            batch[0].taken = set()
+        else:
+            owned: set[Key] = set()
+            rows = []
+            for p in batch:
+                p.taken = set()
+                for r in p.rows:
+                    key = (r[store.SOURCE_ID], r[store.MESSAGE_ID])
+                    if key in owned:
+                        # The same message in two concurrent requests: the first one owns it.
+                        p.taken.add(key)
+                        continue
+                    owned.add(key)
+                    rows.append(r)
         with FLUSH_SECONDS.time():
-            async with self.pool.acquire() as conn:
-                stored = await _write_retrying(conn, rows)
+            async with self._connection() as conn:
+                duplicates = await _write_retrying(conn, rows)
         FLUSH_ROWS.observe(len(rows))
         for p in batch:
             if not p.future.done():
-                p.future.set_result({k for k in p.keys if k in stored})
+                if duplicates:
+                    mine = {(r[store.SOURCE_ID], r[store.MESSAGE_ID]) for r in p.rows}
+                    p.future.set_result((mine & duplicates) | p.taken)
+                else:
+                    p.future.set_result(p.taken)
+
+
+async def _discard(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    conn.terminate()
+    await pool.release(conn)
 
 
 _CONNECTION_ERRORS = (

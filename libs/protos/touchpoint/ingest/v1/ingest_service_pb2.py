@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from touchpoint.events.v1 import event_pb2 as touchpoint_dot_events_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)touchpoint/ingest/v1/ingest_service.proto\x12\x14touchpoint.ingest.v1\x1a touchpoint/events/v1/event.proto\"g\n\x12WriteEventsRequest\x12\x11\n\twrite_key\x18\x01 \x01(\t\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.touchpoint.events.v1.Event\x12\x11\n\tclient_ip\x18\x03 \x01(\t\"D\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x8d\x01\n\rMessageResult\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.touchpoint.ingest.v1.Outcome\x12\x38\n\nviolations\x18\x03 \x03(\x0b\x32$.touchpoint.ingest.v1.FieldViolation\"\x97\x01\n\x13WriteEventsResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.touchpoint.ingest.v1.MessageResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12\x10\n\x08rejected\x18\x04 \x01(\x05\x12\x12\n\nsuppressed\x18\x05 \x01(\x05\":\n\x10GetEventsRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\"@\n\x11GetEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.touchpoint.events.v1.Event\"Y\n\x13\x44\x65leteEventsRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.touchpoint.events.v1.EventRef\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\'\n\x14\x44\x65leteEventsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"u\n\x1aSuppressIdentifiersRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x35\n\x0bidentifiers\x18\x02 \x03(\x0b\x32 .touchpoint.events.v1.Identifier\x12\x0e\n\x06reason\x18\x03 \x01(\t\"1\n\x1bSuppressIdentifiersResponse\x12\x12\n\nsuppressed\x18\x01 \x01(\x05*}\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x01\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x02\x12\x14\n\x10OUTCOME_REJECTED\x10\x03\x12\x16\n\x12OUTCOME_SUPPRESSED\x10\x04\x32\xb4\x03\n\rIngestService\x12\x62\n\x0bWriteEvents\x12(.touchpoint.ingest.v1.WriteEventsRequest\x1a).touchpoint.ingest.v1.WriteEventsResponse\x12\\\n\tGetEvents\x12&.touchpoint.ingest.v1.GetEventsRequest\x1a\'.touchpoint.ingest.v1.GetEventsResponse\x12\x65\n\x0c\x44\x65leteEvents\x12).touchpoint.ingest.v1.DeleteEventsRequest\x1a*.touchpoint.ingest.v1.DeleteEventsResponse\x12z\n\x13SuppressIdentifiers\x12\x30.touchpoint.ingest.v1.SuppressIdentifiersRequest\x1a\x31.touchpoint.ingest.v1.SuppressIdentifiersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)touchpoint/ingest/v1/ingest_service.proto\x12\x14touchpoint.ingest.v1\x1a touchpoint/events/v1/event.proto\"\x9d\x01\n\x12WriteEventsRequest\x12\x11\n\twrite_key\x18\x01 \x01(\t\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.touchpoint.events.v1.Event\x12\x11\n\tclient_ip\x18\x03 \x01(\t\x12\x15\n\rmessages_json\x18\x04 \x03(\x0c\x12\x1d\n\x15omit_accepted_results\x18\x05 \x01(\x08\"D\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x9c\x01\n\rMessageResult\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.touchpoint.ingest.v1.Outcome\x12\x38\n\nviolations\x18\x03 \x03(\x0b\x32$.touchpoint.ingest.v1.FieldViolation\x12\r\n\x05index\x18\x04 \x01(\x05\"\x97\x01\n\x13WriteEventsResponse\x12\x34\n\x07results\x18\x01 \x03(\x0b\x32#.touchpoint.ingest.v1.MessageResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12\x10\n\x08rejected\x18\x04 \x01(\x05\x12\x12\n\nsuppressed\x18\x05 \x01(\x05\":\n\x10GetEventsRequest\x12\x11\n\tsource_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\"@\n\x11GetEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.touchpoint.events.v1.Event\"Y\n\x13\x44\x65leteEventsRequest\x12.\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1e.touchpoint.events.v1.EventRef\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\'\n\x14\x44\x65leteEventsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\"u\n\x1aSuppressIdentifiersRequest\x12\x10\n\x08space_id\x18\x01 \x01(\t\x12\x35\n\x0bidentifiers\x18\x02 \x03(\x0b\x32 .touchpoint.events.v1.Identifier\x12\x0e\n\x06reason\x18\x03 \x01(\t\"1\n\x1bSuppressIdentifiersResponse\x12\x12\n\nsuppressed\x18\x01 \x01(\x05*}\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_ACCEPTED\x10\x01\x12\x15\n\x11OUTCOME_DUPLICATE\x10\x02\x12\x14\n\x10OUTCOME_REJECTED\x10\x03\x12\x16\n\x12OUTCOME_SUPPRESSED\x10\x04\x32\xb4\x03\n\rIngestService\x12\x62\n\x0bWriteEvents\x12(.touchpoint.ingest.v1.WriteEventsRequest\x1a).touchpoint.ingest.v1.WriteEventsResponse\x12\\\n\tGetEvents\x12&.touchpoint.ingest.v1.GetEventsRequest\x1a\'.touchpoint.ingest.v1.GetEventsResponse\x12\x65\n\x0c\x44\x65leteEvents\x12).touchpoint.ingest.v1.DeleteEventsRequest\x1a*.touchpoint.ingest.v1.DeleteEventsResponse\x12z\n\x13SuppressIdentifiers\x12\x30.touchpoint.ingest.v1.SuppressIdentifiersRequest\x1a\x31.touchpoint.ingest.v1.SuppressIdentifiersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'touchpoint.ingest.v1.ingest_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1002
-  _globals['_OUTCOME']._serialized_end=1127
-  _globals['_WRITEEVENTSREQUEST']._serialized_start=101
-  _globals['_WRITEEVENTSREQUEST']._serialized_end=204
-  _globals['_FIELDVIOLATION']._serialized_start=206
-  _globals['_FIELDVIOLATION']._serialized_end=274
-  _globals['_MESSAGERESULT']._serialized_start=277
-  _globals['_MESSAGERESULT']._serialized_end=418
-  _globals['_WRITEEVENTSRESPONSE']._serialized_start=421
-  _globals['_WRITEEVENTSRESPONSE']._serialized_end=572
-  _globals['_GETEVENTSREQUEST']._serialized_start=574
-  _globals['_GETEVENTSREQUEST']._serialized_end=632
-  _globals['_GETEVENTSRESPONSE']._serialized_start=634
-  _globals['_GETEVENTSRESPONSE']._serialized_end=698
-  _globals['_DELETEEVENTSREQUEST']._serialized_start=700
-  _globals['_DELETEEVENTSREQUEST']._serialized_end=789
-  _globals['_DELETEEVENTSRESPONSE']._serialized_start=791
-  _globals['_DELETEEVENTSRESPONSE']._serialized_end=830
-  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_start=832
-  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_end=949
-  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_start=951
-  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_end=1000
-  _globals['_INGESTSERVICE']._serialized_start=1130
-  _globals['_INGESTSERVICE']._serialized_end=1566
+  _globals['_OUTCOME']._serialized_start=1072
+  _globals['_OUTCOME']._serialized_end=1197
+  _globals['_WRITEEVENTSREQUEST']._serialized_start=102
+  _globals['_WRITEEVENTSREQUEST']._serialized_end=259
+  _globals['_FIELDVIOLATION']._serialized_start=261
+  _globals['_FIELDVIOLATION']._serialized_end=329
+  _globals['_MESSAGERESULT']._serialized_start=332
+  _globals['_MESSAGERESULT']._serialized_end=488
+  _globals['_WRITEEVENTSRESPONSE']._serialized_start=491
+  _globals['_WRITEEVENTSRESPONSE']._serialized_end=642
+  _globals['_GETEVENTSREQUEST']._serialized_start=644
+  _globals['_GETEVENTSREQUEST']._serialized_end=702
+  _globals['_GETEVENTSRESPONSE']._serialized_start=704
+  _globals['_GETEVENTSRESPONSE']._serialized_end=768
+  _globals['_DELETEEVENTSREQUEST']._serialized_start=770
+  _globals['_DELETEEVENTSREQUEST']._serialized_end=859
+  _globals['_DELETEEVENTSRESPONSE']._serialized_start=861
+  _globals['_DELETEEVENTSRESPONSE']._serialized_end=900
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_start=902
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_end=1019
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_start=1021
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_end=1070
+  _globals['_INGESTSERVICE']._serialized_start=1200
+  _globals['_INGESTSERVICE']._serialized_end=1636
 # @@protoc_insertion_point(module_scope)

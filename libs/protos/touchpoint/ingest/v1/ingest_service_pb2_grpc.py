@@ -65,8 +65,9 @@ class IngestServiceServicer:
 
     def WriteEvents(self, request, context):
         """Writes a batch of events of one source. Answers per message: accepted, duplicate or
-        rejected with the field and the reason. The good messages of a batch are stored even when
-        others are rejected, and an accepted or duplicate answer means the event is committed.
+        rejected with the field and the reason (with omit_accepted_results, only the messages that
+        were not accepted). The good messages of a batch are stored even when others are
+        rejected, and an accepted or duplicate answer means the event is committed.
 
         Request-level errors: UNAUTHENTICATED for an unknown or disabled write key;
         INVALID_ARGUMENT (with google.rpc.BadRequest) for a batch over the limits;

@@ -37,8 +37,9 @@ class IngestServiceStub:
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     WriteEvents: _grpc.UnaryUnaryMultiCallable[_ingest_service_pb2.WriteEventsRequest, _ingest_service_pb2.WriteEventsResponse]
     """Writes a batch of events of one source. Answers per message: accepted, duplicate or
-    rejected with the field and the reason. The good messages of a batch are stored even when
-    others are rejected, and an accepted or duplicate answer means the event is committed.
+    rejected with the field and the reason (with omit_accepted_results, only the messages that
+    were not accepted). The good messages of a batch are stored even when others are
+    rejected, and an accepted or duplicate answer means the event is committed.
 
     Request-level errors: UNAUTHENTICATED for an unknown or disabled write key;
     INVALID_ARGUMENT (with google.rpc.BadRequest) for a batch over the limits;
@@ -66,8 +67,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     WriteEvents: _aio.UnaryUnaryMultiCallable[_ingest_service_pb2.WriteEventsRequest, _ingest_service_pb2.WriteEventsResponse]  # type: ignore[assignment]
     """Writes a batch of events of one source. Answers per message: accepted, duplicate or
-    rejected with the field and the reason. The good messages of a batch are stored even when
-    others are rejected, and an accepted or duplicate answer means the event is committed.
+    rejected with the field and the reason (with omit_accepted_results, only the messages that
+    were not accepted). The good messages of a batch are stored even when others are
+    rejected, and an accepted or duplicate answer means the event is committed.
 
     Request-level errors: UNAUTHENTICATED for an unknown or disabled write key;
     INVALID_ARGUMENT (with google.rpc.BadRequest) for a batch over the limits;
@@ -98,8 +100,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_service_pb2.WriteEventsResponse, _abc.Awaitable[_ingest_service_pb2.WriteEventsResponse]]:
         """Writes a batch of events of one source. Answers per message: accepted, duplicate or
-        rejected with the field and the reason. The good messages of a batch are stored even when
-        others are rejected, and an accepted or duplicate answer means the event is committed.
+        rejected with the field and the reason (with omit_accepted_results, only the messages that
+        were not accepted). The good messages of a batch are stored even when others are
+        rejected, and an accepted or duplicate answer means the event is committed.
 
         Request-level errors: UNAUTHENTICATED for an unknown or disabled write key;
         INVALID_ARGUMENT (with google.rpc.BadRequest) for a batch over the limits;
