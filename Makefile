@@ -55,7 +55,9 @@ tools: ## system tools the tests use: promtool (Debian's prometheus package); ku
 	@command -v kubectl >/dev/null || { echo "kubectl is missing (it ships with the machine image's google-cloud-cli)"; exit 1; }
 
 test: $(STAMP) tools proto-check lint typecheck ## install what is needed and run every check
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@# Each test has its own timeout (pyproject); this bounds the whole run, teardown included,
+	@# so a hang fails in 25 minutes (SIGINT prints pytest's summary) instead of using up CI's 90.
+	timeout -s INT -k 60 1500 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## run the benchmarks (figures go to bench/RESULTS.md by hand)
 	$(PY) -m bench.ingest
