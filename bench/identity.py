@@ -50,7 +50,7 @@ from bench.common import (
     wait_grpc,
 )
 from services.identity.app import MIGRATIONS as IDENTITY_MIGRATIONS
-from services.identity.app import IdentitySettings, tune_gc
+from services.identity.app import IdentitySettings
 from services.identity.domain import Extractor
 from services.identity.stitcher import CONSUMER, Stitcher
 from services.ingest.app import MIGRATIONS as INGEST_MIGRATIONS
@@ -60,6 +60,7 @@ from touchpoint.identity.v1 import identity_service_pb2 as pb
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc
 from touchpoint.platform.db import create_pool, migrate
 from touchpoint.platform.eventlog import LogConsumer, LogEvent
+from touchpoint.platform.server import tune_gc
 from touchpoint.platform.testing import create_database
 
 SPACE = "bench"

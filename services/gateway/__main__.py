@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import grpc
@@ -15,7 +14,7 @@ from touchpoint.attribution.v1 import attribution_service_pb2_grpc
 from touchpoint.identity.v1 import identity_service_pb2_grpc
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc
 from touchpoint.platform.logs import setup_logging
-from touchpoint.platform.server import run, wait_for_shutdown_signal
+from touchpoint.platform.server import run, tune_gc, wait_for_shutdown_signal
 
 log = logging.getLogger("services.gateway")
 
@@ -47,14 +46,7 @@ async def main() -> None:
             read_api=read_api,
         )
         server = await serve(app, settings)
-        # Measured (bench/ingest): the cyclic garbage collector cost a quarter of the gateway's
-        # CPU. Parsing a batch makes thousands of short-lived containers, so the default
-        # thresholds ran a collection every few hundred events, and each full one walked every
-        # long-lived object (modules, protobuf descriptors, grpc and aiohttp state). Those are
-        # frozen out of the collector now that start-up is done, and young objects are
-        # collected every 50,000 allocations instead of 700 (reference counting frees them).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        tune_gc()  # the cyclic collector cost a quarter of the gateway's CPU (bench/ingest)
         signal_name = await wait_for_shutdown_signal()
         log.info("stopping", extra={"signal": signal_name})
         # Closes the listener, then waits for in-flight requests (and their ingest calls)

@@ -8,10 +8,10 @@ import sys
 
 import asyncpg
 
-from services.identity.app import IdentitySettings, start_identity, tune_gc
+from services.identity.app import IdentitySettings, start_identity
 from touchpoint.platform.db import create_pool
 from touchpoint.platform.logs import setup_logging
-from touchpoint.platform.server import run, wait_for_shutdown_signal
+from touchpoint.platform.server import run, tune_gc, wait_for_shutdown_signal
 from touchpoint.platform.settings import CommonSettings
 from touchpoint.platform.workers import WORKER_ENV, is_worker, supervise
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -123,16 +122,6 @@ class IdentitySettings:
 
     def rules(self) -> Rules:
         return Rules(self.limits, self.default_limit, self.priority, self.blocked_pattern)
-
-
-def tune_gc() -> None:
-    """Call once the process is set up. A batch of the consumer allocates hundreds of thousands
-    of short-lived objects (records, tuples, the graph slice) that reference counting frees and
-    that form few cycles: with the default thresholds the collector took about a fifth of the
-    consumer's CPU, and its full collections are pauses that ResolveProfile callers see. Collect
-    young objects less often, and never traverse what startup created again."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 class _ProfileStats(Collector):

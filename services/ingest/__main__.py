@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import sys
 
 from services.ingest.app import IngestSettings, start_ingest
 from touchpoint.platform.db import create_pool
 from touchpoint.platform.logs import setup_logging
-from touchpoint.platform.server import run, wait_for_shutdown_signal
+from touchpoint.platform.server import run, tune_gc, wait_for_shutdown_signal
 from touchpoint.platform.settings import CommonSettings
 from touchpoint.platform.workers import is_worker, supervise
 
@@ -23,14 +22,7 @@ async def main() -> None:
     pool = await create_pool(common.database_url, max_size=common.db_pool_size)
     try:
         app = await start_ingest(pool, settings)
-        # Measured (bench/ingest): the cyclic garbage collector cost a fifth of ingest's
-        # CPU. Parsing a batch makes thousands of short-lived containers, so the default
-        # thresholds ran a collection every few hundred events, and each full one walked every
-        # long-lived object (modules, protobuf descriptors, grpc and aiohttp state). Those are
-        # frozen out of the collector now that start-up is done, and young objects are
-        # collected every 50,000 allocations instead of 700 (reference counting frees them).
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        tune_gc()  # the cyclic collector cost a fifth of ingest's CPU (bench/ingest)
         await wait_for_shutdown_signal()
         await app.stop(common.shutdown_grace_seconds)
     finally:
