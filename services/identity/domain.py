@@ -27,6 +27,7 @@ The model
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -926,14 +927,122 @@ class GraphLoader(Protocol):
         """The merge log's current (not superseded) decisions caused by these keys."""
 
 
+class StaleOverlay(Exception):
+    """The previous batch's graph cannot stand in for what it is still writing (a case the
+    overlay does not cover): the batch is prepared again once that write is committed."""
+
+
+class OverlayLoader:
+    """Loads a batch's slice while the previous batch of the space is still being written:
+    what the previous batch touched comes from its final graph (`prev`), the rest from `base`
+    (storage as it was before that write), with the components `prev` merged renamed as its
+    write renames them. Every profile and component the previous batch touched is whole in its
+    graph (loads bring whole profiles, recomputations whole components), so what `base` returns
+    is either untouched by it or overridden by `prev`. For the fast path only (`observe_batch`);
+    `settle` runs once the previous write is committed, on `base`."""
+
+    def __init__(self, base: GraphLoader, prev: Graph) -> None:
+        self.base = base
+        self.prev = prev
+
+    def _component(self, graph: Graph, cid: int | None, state: ComponentState | None) -> int | None:
+        prev = self.prev
+        if cid is None:
+            return None
+        if cid in prev.alias or cid in prev.components or cid in prev.removed_components:
+            root = prev.find(cid)
+            mine = prev.components.get(root)
+            if mine is None:
+                raise StaleOverlay(f"component {cid} was dissolved by the previous batch")
+            graph.load_component(root, mine.max_key, mine.size)
+            return root
+        if state is not None:
+            graph.load_component(cid, state.max_key, state.size)
+        return cid
+
+    async def load_idents(self, graph: Graph, idents: Sequence[Ident]) -> None:
+        prev = self.prev
+        pprof, pmembers = prev.part.prof, prev.part.members
+        fresh = []
+        for x in idents:
+            if x in graph.part.prof:
+                continue
+            pid = pprof.get(x)
+            if pid is not None:
+                for m in pmembers[pid]:
+                    graph.load_ident(
+                        m,
+                        pid,
+                        self._component(graph, prev.root_of(m), None),
+                        prev.part.birth[m],
+                        m in prev.isolated,
+                    )
+            elif x in prev.removed_idents:
+                raise StaleOverlay("an identifier was deleted by the previous batch")
+            else:
+                fresh.append(x)
+        if not fresh:
+            return
+        scratch = Graph(graph.space_id, graph.rules)
+        await self.base.load_idents(scratch, fresh)
+        part = scratch.part
+        for x, pid in part.prof.items():
+            if x in pprof or pid in pmembers:
+                raise StaleOverlay("a profile the previous batch changed came back from storage")
+            cid = scratch.comp.get(x)
+            graph.load_ident(
+                x,
+                pid,
+                self._component(graph, cid, None if cid is None else scratch.components.get(cid)),
+                part.birth[x],
+                x in scratch.isolated,
+            )
+
+    async def load_links(self, graph: Graph, keys: Sequence[bytes]) -> None:
+        prev = self.prev
+        fresh = []
+        for sk in keys:
+            if sk in graph.links:
+                continue
+            ln = prev.links.get(sk)
+            if ln is not None:
+                cid = None if ln.component is None else self._component(graph, prev.find(ln.component), None)
+                graph.load_link(sk, ln.idents, ln.first, ln.cut, cid)
+            elif sk in prev.removed_links:
+                raise StaleOverlay("a link was deleted by the previous batch")
+            else:
+                fresh.append(sk)
+        if not fresh:
+            return
+        scratch = Graph(graph.space_id, graph.rules)
+        await self.base.load_links(scratch, fresh)
+        for sk, ln in scratch.links.items():
+            graph.load_link(sk, ln.idents, ln.first, ln.cut, self._component(graph, ln.component, None))
+
+    async def load_components(self, graph: Graph, cids: Sequence[int]) -> None:
+        raise StaleOverlay("components are loaded by settle, after the previous batch committed")
+
+    async def load_decisions(self, graph: Graph, keys: Sequence[Key]) -> None:
+        raise StaleOverlay("decisions are loaded by settle, after the previous batch committed")
+
+
 async def apply(graph: Graph, loader: GraphLoader, observed: Sequence[Observed]) -> None:
     """Applies a batch of events of one space in key order, then recomputes what went late."""
+    await observe_batch(graph, loader, observed)
+    await settle(graph, loader)
+
+
+async def observe_batch(graph: Graph, loader: GraphLoader, observed: Sequence[Observed]) -> None:
+    """The first half of `apply`: loads what the batch touches and applies its events in key
+    order; late ones leave their components dirty for `settle`."""
     await loader.load_idents(graph, sorted({x for o in observed for x in o.idents}))
     sks = [set_key(o.idents) if len(o.idents) > 1 else b"" for o in observed]
     await loader.load_links(graph, sorted({k for k in sks if k}))
-    for i in sorted(range(len(observed)), key=lambda i: observed[i].key):
-        graph.observe(observed[i].idents, observed[i].key, sks[i] or None)
-    await settle(graph, loader)
+    step = graph.observe
+    for n, i in enumerate(sorted(range(len(observed)), key=lambda i: observed[i].key), 1):
+        step(observed[i].idents, observed[i].key, sks[i] or None)
+        if n % 1000 == 0:
+            await asyncio.sleep(0)  # a batch in flight on the same event loop moves on meanwhile
 
 
 async def settle(graph: Graph, loader: GraphLoader) -> None:

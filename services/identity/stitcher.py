@@ -6,17 +6,28 @@ a split or a deletion waits for the batch in flight and the next batch waits for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
 from prometheus_client import Counter
 
 from services.identity import domain, store
-from services.identity.domain import Extractor, Graph, Ident, Key, Observed, Rules
+from services.identity.domain import (
+    Extractor,
+    Graph,
+    Ident,
+    Key,
+    Observed,
+    OverlayLoader,
+    Rules,
+    StaleOverlay,
+)
 from services.identity.store import PgLoader
 from touchpoint.events.v1 import event_pb2
 from touchpoint.ingest.v1 import ingest_service_pb2 as ingest_pb
@@ -48,6 +59,41 @@ RECOMPUTED = Counter(
 )
 SPLITS = Counter("touchpoint_identity_splits_total", "Profiles split, by reason.", ["reason"])
 DELETIONS = Counter("touchpoint_identity_deletions_total", "Profiles deleted (GDPR).")
+REPREPARED = Counter(
+    "touchpoint_identity_batches_reprepared_total",
+    "Batches (per space) prepared again under the graph lock because the graph changed after they "
+    "were prepared (a split, a deletion, another replica) or the overlay did not cover them.",
+)
+# Events between two yields to the event loop while a batch is prepared: the previous batch's
+# commit, in flight meanwhile, moves on at each.
+_YIELD_EVERY = 1000
+
+
+@dataclass(slots=True)
+class _SpaceBatch:
+    rules: Rules
+    # The batch's events of the space with identifiers, before and after dropping those that
+    # carry deleted identifiers (`drop`: what to queue for deletion at ingest).
+    observed_all: list[Observed]
+    observed: list[Observed]
+    drop: list[tuple[str, str, str]] = field(default_factory=list)
+    no_identifier: int = 0
+    blocked: list[Ident] = field(default_factory=list)
+    # The fast path applied against the graph at `version` (None: to do under the lock).
+    graph: Graph | None = None
+    version: int | None = None
+    # After apply: whether it wrote the graph, and the version its write moves the graph to.
+    wrote: bool = False
+    version_after: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    spaces: dict[str, _SpaceBatch]
+    # Set when apply has made every graph of the batch final (settled, its writes planned), or
+    # failed (`ok` false): the next batch then reads them as its overlay.
+    final: asyncio.Event = field(default_factory=asyncio.Event)
+    ok: bool = False
 
 
 def _label(kind: str) -> str:
@@ -78,6 +124,7 @@ class Stitcher:
             schema="identity",
             name=CONSUMER,
             apply=self.apply,
+            prepare=self.prepare,
             batch_size=batch_size,
             columns=domain.LOG_COLUMNS,
             decode=None,
@@ -108,46 +155,115 @@ class Stitcher:
         return out
 
     # -- the consumer ---------------------------------------------------------------------
-    async def apply(self, conn: asyncpg.Connection, events: list[asyncpg.Record]) -> None:
-        # The batch and the consumer's position commit together and the log is durable at
-        # ingest: a crash that loses this commit loses the position with it, and the batch is
-        # applied again. So the commit need not wait for its WAL flush.
-        await conn.execute("set local synchronous_commit = off")
+    # A batch is prepared outside any transaction (its identifiers extracted, its slice of the
+    # graph loaded and its events applied by the fast path) while the previous batch commits;
+    # apply() then, under the space's graph lock, checks that nothing else wrote the graph since,
+    # recomputes what went late (settle), and writes. See LogConsumer's "Pipelining".
+    async def prepare(self, events: list[asyncpg.Record], previous: _Batch | None) -> _Batch:
         by_space: dict[str, list[asyncpg.Record]] = defaultdict(list)
         for ev in events:
             by_space[ev[2]].append(ev)  # space_id (LOG_COLUMNS)
-        rules = await self.rules_for(conn, list(by_space))
-        check_deleted = await store.any_deleted(conn)
-        observe = self.extractor.observe_fields
-        for space, evs in sorted(by_space.items()):  # graph locks in one order: no deadlock
-            r = rules[space]
-            observed: list[Observed] = []
-            for ev in evs:
-                _, _, *fields = ev  # xid, seq, then LOG_COLUMNS
-                o = observe(r, *fields)
-                if o is None:
-                    EVENTS_SKIPPED.labels("NO_IDENTIFIER").inc()
+        batch = _Batch({})
+        async with self.pool.acquire() as conn:  # reads only
+            rules = await self.rules_for(conn, list(by_space))
+            check_deleted = await store.any_deleted(conn)
+            observe = self.extractor.observe_fields
+            n = 0
+            for space, evs in sorted(by_space.items()):
+                r = rules[space]
+                sb = _SpaceBatch(r, [], [])
+                for ev in evs:
+                    n += 1
+                    if n % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)
+                    _, _, *fields = ev  # xid, seq, then LOG_COLUMNS
+                    o = observe(r, *fields)
+                    if o is None:
+                        sb.no_identifier += 1
+                        continue
+                    if o.blocked:
+                        sb.blocked.extend(o.blocked)
+                    sb.observed_all.append(o)
+                sb.observed = sb.observed_all
+                if check_deleted and sb.observed:
+                    sb.observed, sb.drop = await self._find_deleted(conn, space, sb.observed)
+                batch.spaces[space] = sb
+            if previous is not None:
+                await previous.final.wait()
+                if not previous.ok:
+                    return batch  # its commit fails: this batch is dropped
+            for space, sb in batch.spaces.items():
+                if not sb.observed:
                     continue
-                for x in o.blocked:
-                    REFUSED.labels("BLOCKED_VALUE", _label(x[0])).inc()
-                observed.append(o)
-            if check_deleted and observed:
-                observed = await self._drop_deleted(conn, space, observed)
-            if not observed:
-                continue
-            await store.lock_graph(conn, space)
-            graph = Graph(space, r)
-            await domain.apply(graph, PgLoader(conn, space), observed)
-            await store.write(conn, graph, observed)
-            self._count(graph)
+                before = previous.spaces.get(space) if previous is not None else None
+                loader: domain.GraphLoader
+                if before is not None and before.wrote:
+                    assert before.graph is not None
+                    loader = OverlayLoader(PgLoader(conn, space), before.graph)
+                    version = before.version_after
+                else:
+                    loader, version = PgLoader(conn, space), await store.graph_version(conn, space)
+                graph = Graph(space, sb.rules)
+                try:
+                    await domain.observe_batch(graph, loader, sb.observed)
+                except StaleOverlay:
+                    log.info("batch prepared again under the lock", exc_info=True)
+                    continue
+                sb.graph, sb.version = graph, version
+        return batch
 
-    async def _drop_deleted(
+    async def apply(self, conn: asyncpg.Connection, batch: _Batch) -> None:
+        # The batch and the consumer's position commit together and the log is durable at
+        # ingest: a crash that loses this commit loses the position with it, and the batch is
+        # applied again. So the commit need not wait for its WAL flush.
+        plans = []
+        try:
+            await conn.execute("set local synchronous_commit = off")
+            for space, sb in sorted(batch.spaces.items()):  # graph locks in one order: no deadlock
+                EVENTS_SKIPPED.labels("NO_IDENTIFIER").inc(sb.no_identifier)
+                for x in sb.blocked:
+                    REFUSED.labels("BLOCKED_VALUE", _label(x[0])).inc()
+                if not sb.observed_all:
+                    continue
+                await store.lock_graph(conn, space)
+                version = await store.graph_version(conn, space)
+                graph = sb.graph
+                if graph is not None and sb.version == version:
+                    observed = sb.observed
+                    await store.queue_deletions(conn, space, sb.drop)
+                    EVENTS_SKIPPED.labels("DELETED_IDENTIFIER").inc(len(sb.drop))
+                    await domain.settle(graph, PgLoader(conn, space))
+                else:
+                    # Prepared against a graph that changed since (or not at all): again, under
+                    # the lock.
+                    if graph is not None or sb.observed:
+                        REPREPARED.inc()
+                    observed = sb.observed_all
+                    if observed and await store.any_deleted(conn):
+                        observed = await self._drop_deleted(conn, space, observed)
+                    if not observed:
+                        continue
+                    graph = Graph(space, sb.rules)
+                    await domain.apply(graph, PgLoader(conn, space), observed)
+                if not observed:
+                    continue
+                plans.append(store.plan_write(graph, observed))
+                sb.graph, sb.wrote, sb.version_after = graph, True, version + 1
+                self._count(graph)
+            batch.ok = True
+        finally:
+            batch.final.set()
+        for plan in plans:
+            await plan.run(conn)
+
+    async def _find_deleted(
         self, conn: asyncpg.Connection, space: str, observed: list[Observed]
-    ) -> list[Observed]:
+    ) -> tuple[list[Observed], list[tuple[str, str, str]]]:
+        """(the events without a deleted identifier, (source, message, profile) of the others)."""
         digests = {x: domain.ident_digest(space, x) for o in observed for x in o.idents}
         deleted = await store.deleted_digests(conn, space, list(set(digests.values())))
         if not deleted:
-            return observed
+            return observed, []
         keep: list[Observed] = []
         drop: list[tuple[str, str, str]] = []
         for o in observed:
@@ -156,6 +272,12 @@ class Stitcher:
                 keep.append(o)
             else:
                 drop.append((o.source_id, o.message_id, hit))
+        return keep, drop
+
+    async def _drop_deleted(
+        self, conn: asyncpg.Connection, space: str, observed: list[Observed]
+    ) -> list[Observed]:
+        keep, drop = await self._find_deleted(conn, space, observed)
         # Accepted by ingest before the suppression reached it: delete them too.
         await store.queue_deletions(conn, space, drop)
         EVENTS_SKIPPED.labels("DELETED_IDENTIFIER").inc(len(drop))

@@ -193,13 +193,44 @@ class _Seen:
 
 async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Observed] = ()) -> None:
     """Writes a graph's changes, and the events observed (refs, traits, last seen)."""
+    await plan_write(graph, observed).run(conn)
+
+
+class WritePlan:
+    """The statements that write a graph's changes, with every argument already computed: the
+    graph may change (or be read by the next batch) while they run."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[bool, str, Any, dict[str, Any]]] = []
+
+    def execute(self, sql: str, *args: Any) -> None:
+        self.ops.append((False, sql, args, {}))
+
+    def copy_records_to_table(self, table: str, **kwargs: Any) -> None:
+        self.ops.append((True, table, (), kwargs))
+
+    async def run(self, conn: asyncpg.Connection) -> None:
+        await _ensure_stages(conn)
+        for is_copy, what, args, kwargs in self.ops:
+            if is_copy:
+                await conn.copy_records_to_table(what, **kwargs)
+            else:
+                await conn.execute(what, *args)
+
+
+def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
+    """What `write` runs (see WritePlan). Every write of a space's graph moves its version."""
+    conn = WritePlan()
+    conn.execute(_BUMP_VERSION, graph.space_id)
     space = graph.space_id
     # Components merged into others: move their rows first, the upserts below then win.
     if graph.alias:
         olds = list(graph.alias)
         news = [graph.find(c) for c in olds]
         for table in ("identifiers", "links"):
-            await conn.execute(
+            conn.execute(
                 f"""update identity.{table} t set component_id = m.new
                     from unnest($1::bigint[], $2::bigint[]) as m(old, new)
                     where t.component_id = m.old""",
@@ -208,7 +239,7 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
             )
     gone = [c for c in graph.removed_components if c not in graph.new_components]
     if gone:
-        await conn.execute(
+        conn.execute(
             """delete from identity.components c using unnest($1::bigint[]) as u(cid)
                where c.component_id = u.cid""",
             gone,
@@ -236,7 +267,7 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
     ):
         if ids:
             keys = [comps[c].max_key for c in ids]
-            await conn.execute(
+            conn.execute(
                 sql,
                 space,
                 ids,
@@ -266,14 +297,13 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
                 s.attrs = a or s.attrs
     if graph.removed_idents:
         rm = list(graph.removed_idents)
-        await conn.execute(
+        conn.execute(
             """delete from identity.identifiers i using unnest($2::text[], $3::text[]) as u(kind, value)
                where i.space_id = $1 and i.kind = u.kind and i.value = u.value""",
             space,
             [x[0] for x in rm],
             [x[1] for x in rm],
         )
-    await _ensure_stages(conn)
     part, isolated, removed = graph.part, graph.isolated, graph.removed_idents
     prof, birth, root_of, new = part.prof, part.birth, graph.root_of, graph.new_idents
     # New identifiers go straight in by COPY; rows that exist are updated in place (a HOT
@@ -296,12 +326,12 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
                  sx.last if sx else None, x in isolated, sx.attrs if sx else None)
             )  # fmt: skip
     if inserts:
-        await conn.copy_records_to_table(
+        conn.copy_records_to_table(
             "identifiers", schema_name="identity", columns=_IDENT_COPY, records=inserts
         )
     if updates:
-        await conn.copy_records_to_table("identity_stage_identifiers", records=updates)
-        await conn.execute(
+        conn.copy_records_to_table("identity_stage_identifiers", records=updates)
+        conn.execute(
             """update identity.identifiers i set
                    profile_id = s.profile_id,
                    component_id = s.component_id,
@@ -319,7 +349,7 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
 
     # Links.
     if graph.removed_links:
-        await conn.execute(
+        conn.execute(
             """delete from identity.links l using unnest($2::bytea[]) as u(sk)
                where l.space_id = $1 and l.set_key = u.sk""",
             space,
@@ -341,11 +371,11 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
             else:
                 link_updates.append((sk, ln.first[0], ln.first[1], ln.first[2], ln.cut, cid))
         if link_inserts:
-            await conn.copy_records_to_table(
+            conn.copy_records_to_table(
                 "links", schema_name="identity", columns=_LINK_COPY, records=link_inserts
             )
         if link_updates:
-            await conn.execute(
+            conn.execute(
                 """update identity.links l set
                        first_time = u.ft, first_message_id = u.fm, first_source_id = u.fs,
                        cut = u.cut, component_id = u.cid
@@ -358,13 +388,13 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
 
     # Merge log.
     if graph.superseded:
-        await conn.execute(
+        conn.execute(
             """update identity.merge_log m set superseded_time = now()
                from unnest($1::bigint[]) as u(id) where m.id = u.id""",
             graph.superseded,
         )
     if graph.decisions:
-        await conn.copy_records_to_table(
+        conn.copy_records_to_table(
             "merge_log",
             schema_name="identity",
             columns=_MERGE_LOG_COPY,
@@ -376,7 +406,8 @@ async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Obser
         )  # fmt: skip
 
     if observed:
-        await _write_observations(conn, space, observed)
+        _write_observations(conn, space, observed)
+    return conn
 
 
 _IDENT_COPY = (
@@ -437,8 +468,8 @@ async def _ensure_stages(conn: asyncpg.Connection) -> None:
         _STAGED.add(raw)
 
 
-async def _write_observations(conn: asyncpg.Connection, space: str, observed: Sequence[Observed]) -> None:
-    await conn.copy_records_to_table(
+def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed]) -> None:
+    conn.copy_records_to_table(
         "event_refs",
         schema_name="identity",
         columns=("space_id", "kind", "value", "time", "message_id", "source_id"),
@@ -455,11 +486,11 @@ async def _write_observations(conn: asyncpg.Connection, space: str, observed: Se
             if prev is None or o.key > prev[0]:
                 latest[slot] = (o.key, v)
     if latest:
-        await conn.copy_records_to_table(
+        conn.copy_records_to_table(
             "identity_stage_traits",
             records=[(s[0][0], s[0][1], s[1], v, k[0], k[1], k[2]) for s, (k, v) in latest.items()],
         )
-        await conn.execute(
+        conn.execute(
             """insert into identity.traits as t (space_id, kind, value, key, value_json, "time",
                    message_id, source_id)
                select $1, kind, value, key, value_json, t, mid, src from identity_stage_traits
@@ -537,6 +568,16 @@ async def lock_consumer(conn: asyncpg.Connection, consumer: str) -> None:
     """Waits for the consumer's batches in flight (every partition's) and keeps the next ones
     out until commit."""
     await lock_positions(conn, "identity", consumer)
+
+
+_BUMP_VERSION = """insert into identity.graph_versions (space_id, version) values ($1, 1)
+    on conflict (space_id) do update set version = identity.graph_versions.version + 1"""
+
+
+async def graph_version(conn: asyncpg.Connection | asyncpg.Pool, space_id: str) -> int:
+    """The space's graph version (see migration 0004); 0 when nothing was ever written."""
+    v = await conn.fetchval("select version from identity.graph_versions where space_id = $1", space_id)
+    return int(v or 0)
 
 
 async def lock_graph(conn: asyncpg.Connection, space_id: str) -> None:

@@ -137,7 +137,12 @@ class LogEvent:
         )
 
 
-ApplyFn = Callable[[asyncpg.Connection, list[Any]], Awaitable[None]]
+# apply(conn, events), or apply(conn, prepared) with `prepare`.
+ApplyFn = Callable[[asyncpg.Connection, Any], Awaitable[None]]
+# prepare(events, previous): the work of a batch that needs no transaction, done while the
+# previous batch (`previous`: what prepare returned for it, None when there is none in flight)
+# commits. What it returns is what apply(conn, ...) then gets.
+PrepareFn = Callable[[list[Any], Any], Awaitable[Any]]
 
 # The key that splits a log between replicas. On the event log it is the event's own device or
 # user key, so one device's events stay in order within one partition.
@@ -202,6 +207,16 @@ class LogConsumer:
     Partitions are applied concurrently by different replicas, so ``apply`` must be safe to run
     concurrently with itself on other partitions (row locks, ``on conflict``, or an advisory
     lock around the part that is not).
+
+    **Pipelining.** With ``prepare``, a batch is read and ``prepare(events, previous)`` runs
+    *outside* any transaction while the previous batch of the same partition commits (up to
+    ``pipeline`` batches per step); ``apply(conn, prepared)`` then runs in the batch's
+    transaction, which first checks that the position is still the one the batch was read from
+    (else another replica moved it: the prepared batch is dropped, nothing is applied). A
+    consumer whose work is mostly CPU overlaps it with the database's work on the previous
+    batch this way; ``prepare`` must yield to the event loop now and then so that the commit in
+    flight keeps moving, and must not write. If a commit fails, the batch prepared after it is
+    dropped and the error raised.
     """
 
     def __init__(
@@ -221,6 +236,8 @@ class LogConsumer:
         partition_key: str | None = None,
         lease_ttl: float | None = None,
         member: str | None = None,
+        prepare: PrepareFn | None = None,
+        pipeline: int = 8,
     ) -> None:
         if "#" in name:
             raise ValueError("a consumer name may not contain '#'")
@@ -228,6 +245,8 @@ class LogConsumer:
         self.schema = schema
         self.name = name
         self.apply = apply
+        self.prepare = prepare
+        self.pipeline = max(1, pipeline)
         self.batch_size = batch_size
         self.idle_wait = idle_wait
         self.lag_interval = lag_interval
@@ -350,7 +369,15 @@ class LogConsumer:
             total += await self._step(k)
         return total
 
+    async def _read(self, conn: Any, partition: int, pos: tuple[Any, int]) -> list[asyncpg.Record]:
+        args: tuple[Any, ...] = (str(pos[0]), pos[1], self.batch_size)
+        if self.partitions > 1:
+            args += (partition,)
+        return list(await conn.fetch(self._read_sql, *args))
+
     async def _step(self, partition: int) -> int:
+        if self.prepare is not None:
+            return await self._step_pipelined(partition)
         row_name = self.position_row(partition)
         async with self.pool.acquire() as conn, conn.transaction():
             pos = await conn.fetchrow(
@@ -379,6 +406,70 @@ class LogConsumer:
         self.applied_total += len(events)
         APPLIED.labels(self.name).inc(len(events))
         return len(events)
+
+    async def _step_pipelined(self, partition: int) -> int:
+        assert self.prepare is not None
+        row_name = self.position_row(partition)
+        pos_row = await self.pool.fetchrow(
+            f"select xid, seq from {self.schema}.log_positions where consumer = $1", row_name
+        )
+        if pos_row is None:
+            raise RuntimeError(f"consumer {row_name} has no position row; call ensure() first")
+        pos = (pos_row["xid"], pos_row["seq"])
+        rows = await self._read(self.pool, partition, pos)
+        if not rows:
+            return 0
+        decode = self.decode
+        prepared = await self.prepare(rows if decode is None else [decode(r) for r in rows], None)
+        total = 0
+        for i in range(self.pipeline):
+            commit = asyncio.create_task(self._commit(row_name, pos, rows, prepared))
+            nxt: tuple[tuple[Any, int], list[asyncpg.Record], Any] | None = None
+            try:
+                if i + 1 < self.pipeline and len(rows) == self.batch_size:
+                    npos = (rows[-1]["xid"], rows[-1]["seq"])
+                    nrows = await self._read(self.pool, partition, npos)
+                    if nrows:
+                        events = nrows if decode is None else [decode(r) for r in nrows]
+                        nxt = (npos, nrows, await self.prepare(events, prepared))
+            except BaseException:
+                # The commit in flight ends (committed or rolled back) before the error goes up.
+                with contextlib.suppress(Exception):
+                    if await commit:
+                        self.applied_total += len(rows)
+                        APPLIED.labels(self.name).inc(len(rows))
+                raise
+            done = await commit
+            if not done:
+                return total  # another replica moved the position: drop what was prepared
+            total += len(rows)
+            self.applied_total += len(rows)
+            APPLIED.labels(self.name).inc(len(rows))
+            if nxt is None:
+                break
+            pos, rows, prepared = nxt
+        return total
+
+    async def _commit(
+        self, row_name: str, pos: tuple[Any, int], rows: list[asyncpg.Record], prepared: Any
+    ) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            now = await conn.fetchrow(
+                f"select xid, seq from {self.schema}.log_positions where consumer = $1 for update",
+                row_name,
+            )
+            if now is None or (now["xid"], now["seq"]) != pos:
+                return False
+            await self.apply(conn, prepared)
+            last = rows[-1]
+            await conn.execute(
+                f"update {self.schema}.log_positions set xid = $2, seq = $3, updated_at = now() "
+                "where consumer = $1",
+                row_name,
+                last["xid"],
+                last["seq"],
+            )
+        return True
 
     async def catch_up(self) -> int:
         """Applies batches until nothing is left below the horizon; returns how many applied."""
