@@ -42,7 +42,7 @@ import phonenumbers
 
 # Junk values (empty, "0", "null", "undefined", "[object Object]", ...): the ingest service
 # already refuses them as userId/anonymousId; identity refuses them as any identifier.
-from services.ingest.domain import is_junk_id
+from services.ingest.domain import JUNK_IDS, is_junk_id
 
 Ident = tuple[str, str]
 # When an event happened, as the total order the rules are applied in.
@@ -357,12 +357,19 @@ def _take(
     usable: dict[Ident, None], bad: dict[Ident, None], rules: Rules, kind: str, value: Any, region: str
 ) -> None:
     if type(value) is str and kind not in _NORMALISED:
-        # The common case (user, anonymous and device ids) without normalise()'s dispatch.
-        norm: str | None = value.strip()
-        if not norm or len(norm) > MAX_VALUE_CHARS or not norm.isprintable():
-            norm = None
-    else:
-        norm = normalise(kind, value, region)
+        # The common case (user, anonymous and device ids) without normalise()'s dispatch, and
+        # with rules.is_blocked written out (the value is stripped already).
+        text = value.strip()
+        if text and len(text) <= MAX_VALUE_CHARS and text.isprintable():
+            pattern = rules._blocked
+            if text.lower() in JUNK_IDS or (pattern is not None and pattern.search(text) is not None):
+                bad[(kind, text)] = None
+            else:
+                usable[(kind, text)] = None
+        elif text:
+            bad[(kind, text)] = None
+        return
+    norm = normalise(kind, value, region)
     if norm is None:
         if isinstance(value, str) and value.strip():
             bad[(kind, value.strip())] = None

@@ -67,6 +67,10 @@ REPREPARED = Counter(
 # Events between two yields to the event loop while a batch is prepared: the previous batch's
 # commit, in flight meanwhile, moves on at each.
 _YIELD_EVERY = 1000
+# After a batch of a space had to be prepared again (another writer of the space's graph,
+# typically another replica), this many of its next batches skip the fast path in prepare and
+# do all of it under the lock: work that would likely be thrown away is not done.
+_CONTENDED_BATCHES = 16
 
 
 @dataclass(slots=True)
@@ -117,6 +121,8 @@ class Stitcher:
         self.ingest = ingest
         self.rules_cache_seconds = rules_cache_seconds
         self._rules: dict[str, tuple[float, Rules]] = {}
+        # Space -> batches left to prepare without the fast path (see _CONTENDED_BATCHES).
+        self._contended: dict[str, int] = {}
         # Only the columns stitching reads, as raw records: decoding whole LogEvents cost more
         # than a third of the graph step.
         self.consumer = LogConsumer(
@@ -195,6 +201,10 @@ class Stitcher:
             for space, sb in batch.spaces.items():
                 if not sb.observed:
                     continue
+                left = self._contended.get(space, 0)
+                if left:
+                    self._contended[space] = left - 1
+                    continue
                 before = previous.spaces.get(space) if previous is not None else None
                 loader: domain.GraphLoader
                 if before is not None and before.wrote:
@@ -208,6 +218,7 @@ class Stitcher:
                     await domain.observe_batch(graph, loader, sb.observed)
                 except StaleOverlay:
                     log.info("batch prepared again under the lock", exc_info=True)
+                    REPREPARED.inc()
                     continue
                 sb.graph, sb.version = graph, version
         return batch
@@ -236,8 +247,9 @@ class Stitcher:
                 else:
                     # Prepared against a graph that changed since (or not at all): again, under
                     # the lock.
-                    if graph is not None or sb.observed:
+                    if graph is not None:
                         REPREPARED.inc()
+                        self._contended[space] = _CONTENDED_BATCHES
                     observed = sb.observed_all
                     if observed and await store.any_deleted(conn):
                         observed = await self._drop_deleted(conn, space, observed)

