@@ -7,10 +7,12 @@ a split or a deletion waits for the batch in flight and the next batch waits for
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -71,6 +73,28 @@ _YIELD_EVERY = 1000
 # typically another replica), this many of its next batches skip the fast path in prepare and
 # do all of it under the lock: work that would likely be thrown away is not done.
 _CONTENDED_BATCHES = 16
+
+
+_gc_holds = 0
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Keeps the cyclic garbage collector off while a batch's graph is built (it may nest: the
+    next batch is prepared while this one is applied). A batch builds hundreds of thousands of
+    small containers that live until it is written and that reference counting frees; the
+    collector would only walk them again and again (a tenth of the consumer's CPU in
+    bench/identity with touchpoint.platform.server.tune_gc's thresholds)."""
+    global _gc_holds
+    _gc_holds += 1
+    if _gc_holds == 1:
+        gc.disable()
+    try:
+        yield
+    finally:
+        _gc_holds -= 1
+        if _gc_holds == 0:
+            gc.enable()
 
 
 @dataclass(slots=True)
@@ -166,6 +190,10 @@ class Stitcher:
     # apply() then, under the space's graph lock, checks that nothing else wrote the graph since,
     # recomputes what went late (settle), and writes. See LogConsumer's "Pipelining".
     async def prepare(self, events: list[asyncpg.Record], previous: _Batch | None) -> _Batch:
+        with _no_cyclic_gc():
+            return await self._prepare(events, previous)
+
+    async def _prepare(self, events: list[asyncpg.Record], previous: _Batch | None) -> _Batch:
         by_space: dict[str, list[asyncpg.Record]] = defaultdict(list)
         for ev in events:
             by_space[ev[2]].append(ev)  # space_id (LOG_COLUMNS)
@@ -227,46 +255,54 @@ class Stitcher:
         # The batch and the consumer's position commit together and the log is durable at
         # ingest: a crash that loses this commit loses the position with it, and the batch is
         # applied again. So the commit need not wait for its WAL flush.
-        plans = []
+        plans: list[store.WritePlan] = []
         try:
-            await conn.execute("set local synchronous_commit = off")
-            for space, sb in sorted(batch.spaces.items()):  # graph locks in one order: no deadlock
-                EVENTS_SKIPPED.labels("NO_IDENTIFIER").inc(sb.no_identifier)
-                for x in sb.blocked:
-                    REFUSED.labels("BLOCKED_VALUE", _label(x[0])).inc()
-                if not sb.observed_all:
-                    continue
-                await store.lock_graph(conn, space)
-                version = await store.graph_version(conn, space)
-                graph = sb.graph
-                if graph is not None and sb.version == version:
-                    observed = sb.observed
-                    await store.queue_deletions(conn, space, sb.drop)
-                    EVENTS_SKIPPED.labels("DELETED_IDENTIFIER").inc(len(sb.drop))
-                    await domain.settle(graph, PgLoader(conn, space))
-                else:
-                    # Prepared against a graph that changed since (or not at all): again, under
-                    # the lock.
-                    if graph is not None:
-                        REPREPARED.inc()
-                        self._contended[space] = _CONTENDED_BATCHES
-                    observed = sb.observed_all
-                    if observed and await store.any_deleted(conn):
-                        observed = await self._drop_deleted(conn, space, observed)
-                    if not observed:
-                        continue
-                    graph = Graph(space, sb.rules)
-                    await domain.apply(graph, PgLoader(conn, space), observed)
-                if not observed:
-                    continue
-                plans.append(store.plan_write(graph, observed))
-                sb.graph, sb.wrote, sb.version_after = graph, True, version + 1
-                self._count(graph)
+            with _no_cyclic_gc():
+                await self._settle_and_plan(conn, batch, plans)
             batch.ok = True
         finally:
             batch.final.set()
         for plan in plans:
             await plan.run(conn)
+
+    async def _settle_and_plan(
+        self, conn: asyncpg.Connection, batch: _Batch, plans: list[store.WritePlan]
+    ) -> None:
+        """Under each space's graph lock: checks the graph is still the one the batch was
+        prepared against (else prepares it again), settles what went late, plans the writes."""
+        await conn.execute("set local synchronous_commit = off")
+        for space, sb in sorted(batch.spaces.items()):  # graph locks in one order: no deadlock
+            EVENTS_SKIPPED.labels("NO_IDENTIFIER").inc(sb.no_identifier)
+            for x in sb.blocked:
+                REFUSED.labels("BLOCKED_VALUE", _label(x[0])).inc()
+            if not sb.observed_all:
+                continue
+            await store.lock_graph(conn, space)
+            version = await store.graph_version(conn, space)
+            graph = sb.graph
+            if graph is not None and sb.version == version:
+                observed = sb.observed
+                await store.queue_deletions(conn, space, sb.drop)
+                EVENTS_SKIPPED.labels("DELETED_IDENTIFIER").inc(len(sb.drop))
+                await domain.settle(graph, PgLoader(conn, space))
+            else:
+                # Prepared against a graph that changed since (or not at all): again, under
+                # the lock.
+                if graph is not None:
+                    REPREPARED.inc()
+                    self._contended[space] = _CONTENDED_BATCHES
+                observed = sb.observed_all
+                if observed and await store.any_deleted(conn):
+                    observed = await self._drop_deleted(conn, space, observed)
+                if not observed:
+                    continue
+                graph = Graph(space, sb.rules)
+                await domain.apply(graph, PgLoader(conn, space), observed)
+            if not observed:
+                continue
+            plans.append(store.plan_write(graph, observed))
+            sb.graph, sb.wrote, sb.version_after = graph, True, version + 1
+            self._count(graph)
 
     async def _find_deleted(
         self, conn: asyncpg.Connection, space: str, observed: list[Observed]
