@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -185,12 +184,6 @@ class PgLoader:
         return [tuple(decode_ident(t) for t in r["idents"]) for r in rows]
 
 
-@dataclass(slots=True)
-class _Seen:
-    last: datetime
-    attrs: bytes | None
-
-
 async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Observed] = ()) -> None:
     """Writes a graph's changes, and the events observed (refs, traits, last seen)."""
     await plan_write(graph, observed).run(conn)
@@ -277,24 +270,23 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
                 [comps[c].size for c in ids],
             )
 
-    # Identifiers: what changed, and when each observed one was last seen.
-    seen: dict[Ident, _Seen] = {}
+    # Identifiers: what changed, and when each observed one was last seen (with the device
+    # details of its latest event that had any).
+    last: dict[Ident, datetime] = {}
+    attrs_of: dict[Ident, bytes] = {}
+    dumps = orjson.dumps
     for o in observed:
         t = o.key[0]
         device = o.device
         attrs: bytes | None = None  # serialised once per event, passed to the jsonb codec as is
         for x in o.idents:
-            a = None
-            if device and x[0] in DEVICE_KINDS:
-                if attrs is None:
-                    attrs = orjson.dumps(device)
-                a = attrs
-            s = seen.get(x)
-            if s is None:
-                seen[x] = _Seen(t, a)
-            elif t >= s.last:
-                s.last = t
-                s.attrs = a or s.attrs
+            lt = last.get(x)
+            if lt is None or t >= lt:
+                last[x] = t
+                if device and x[0] in DEVICE_KINDS:
+                    if attrs is None:
+                        attrs = dumps(device)
+                    attrs_of[x] = attrs
     if graph.removed_idents:
         rm = list(graph.removed_idents)
         conn.execute(
@@ -305,25 +297,30 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
             [x[1] for x in rm],
         )
     part, isolated, removed = graph.part, graph.isolated, graph.removed_idents
-    prof, birth, root_of, new = part.prof, part.birth, graph.root_of, graph.new_idents
+    prof, birth, new = part.prof, part.birth, graph.new_idents
+    comp, alias, find = graph.comp, graph.alias, graph.find
     # New identifiers go straight in by COPY; rows that exist are updated in place (a HOT
     # update when only the last-seen time changes).
     inserts = []
     updates = []
-    for x in graph.changed_identifiers() | seen.keys():
+    todo = graph.changed_identifiers()
+    todo.update(last)
+    for x in todo:
         if x in removed:
             continue
         b = birth[x]
-        sx = seen.get(x)
+        c = comp.get(x)
+        if c is not None and c in alias:
+            c = find(c)
         if x in new:
             inserts.append(
-                (space, x[0], x[1], prof[x], root_of(x), b[0], b[1], b[2],
-                 sx.last if sx else b[0], x in isolated, sx.attrs if sx else None)
+                (space, x[0], x[1], prof[x], c, b[0], b[1], b[2],
+                 last.get(x, b[0]), x in isolated, attrs_of.get(x))
             )  # fmt: skip
         else:
             updates.append(
-                (x[0], x[1], prof[x], root_of(x), b[0], b[1], b[2],
-                 sx.last if sx else None, x in isolated, sx.attrs if sx else None)
+                (x[0], x[1], prof[x], c, b[0], b[1], b[2],
+                 last.get(x), x in isolated, attrs_of.get(x))
             )  # fmt: skip
     if inserts:
         conn.copy_records_to_table(
