@@ -663,7 +663,9 @@ class Graph:
         return [c for c in [*self.components, *self.alias] if self.find(c) == root]
 
     def _union(self, roots: set[int], alone: Sequence[Ident]) -> int:
-        if roots:
+        if len(roots) == 1:
+            survivor = next(iter(roots))
+        elif roots:
             survivor = max(roots, key=lambda r: (self.components[r].size, -r))
         else:
             survivor = self.new_component_id()
@@ -726,19 +728,33 @@ class Graph:
         self.links[sk] = link
         self.changed_links.add(sk)
         self.new_links.add(sk)
-        eff = self.effective(link)
+        eff = link.idents if not self.isolated and self.rules._blocked is None else self.effective(link)
         if len(eff) < 2:
             return
-        comp, find = self.comp, self.find
-        roots = {find(c) for x in eff if (c := comp[x]) is not None}
-        late = any(r in self.dirty or (m := self.components[r].max_key) is None or key < m for r in roots)
-        root = self._union(roots, [x for x in eff if comp[x] is None])
+        comp, alias, components, dirty = self.comp, self.alias, self.components, self.dirty
+        roots: set[int] = set()
+        alone: list[Ident] = []
+        late = False
+        for x in eff:
+            c = comp[x]
+            if c is None:
+                alone.append(x)
+                continue
+            while c in alias:
+                c = alias[c]
+            if c not in roots:
+                roots.add(c)
+                if not late and (c in dirty or (m := components[c].max_key) is None or key < m):
+                    late = True
+        root = self._union(roots, alone)
         link.component = root
         if late:
-            self.dirty.add(root)
+            dirty.add(root)
             return
-        self.components[root].max_key = key
-        self.decisions.extend(part.step(eff, key))
+        components[root].max_key = key
+        decisions = part.step(eff, key)
+        if decisions:
+            self.decisions.extend(decisions)
 
     # -- recomputation --------------------------------------------------------------------
     def recompute(self, root: int) -> None:
