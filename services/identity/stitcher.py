@@ -76,6 +76,8 @@ _CONTENDED_BATCHES = 16
 
 
 _gc_holds = 0
+_gc_batches = 0
+_GC_EVERY = 64
 
 
 @contextlib.contextmanager
@@ -85,7 +87,7 @@ def _no_cyclic_gc() -> Iterator[None]:
     small containers that live until it is written and that reference counting frees; the
     collector would only walk them again and again (a tenth of the consumer's CPU in
     bench/identity with touchpoint.platform.server.tune_gc's thresholds)."""
-    global _gc_holds
+    global _gc_holds, _gc_batches
     _gc_holds += 1
     if _gc_holds == 1:
         gc.disable()
@@ -94,6 +96,16 @@ def _no_cyclic_gc() -> Iterator[None]:
     finally:
         _gc_holds -= 1
         if _gc_holds == 0:
+            _gc_batches += 1
+            if _gc_batches % _GC_EVERY == 0:
+                # Now and then a full collection, for the cycles batches may have made (an
+                # exception's traceback), then everything alive is set aside again.
+                gc.unfreeze()
+                gc.collect()
+            # What the batches allocated is still alive (the batch in flight) or freed by
+            # reference counting: set aside, so that enabling the collector does not make it
+            # walk them all at once.
+            gc.freeze()
             gc.enable()
 
 
