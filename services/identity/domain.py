@@ -757,19 +757,30 @@ class Graph:
             self.decisions.extend(decisions)
 
     # -- recomputation --------------------------------------------------------------------
-    def recompute(self, root: int) -> None:
+    def members_of(self, roots: set[int]) -> dict[int, tuple[list[Ident], list[tuple[bytes, LinkState]]]]:
+        """The identifiers and links of each of these components, in one pass over the graph."""
+        out: dict[int, tuple[list[Ident], list[tuple[bytes, LinkState]]]] = {r: ([], []) for r in roots}
+        find = self.find
+        for x, c in self.comp.items():
+            if c is not None and (hit := out.get(find(c))) is not None:
+                hit[0].append(x)
+        for sk, ln in self.links.items():
+            if ln.component is not None and (hit := out.get(find(ln.component))) is not None:
+                hit[1].append((sk, ln))
+        return out
+
+    def recompute(
+        self,
+        root: int,
+        members: tuple[list[Ident], list[tuple[bytes, LinkState]]] | None = None,
+    ) -> None:
         """Recomputes one component from its links in key order, splits it where it fell
         apart, and diffs the merge log against what was recorded. Every identifier and link
-        of the component must be loaded."""
+        of the component must be loaded. `members`: the component's (members_of), when known."""
         self.dirty.discard(root)
         self.recomputed += 1
-        idents = [x for x, c in self.comp.items() if c is not None and self.find(c) == root]
-        links = [
-            (sk, ln)
-            for sk, ln in self.links.items()
-            if ln.component is not None and self.find(ln.component) == root
-        ]
-        links.sort(key=lambda item: item[1].first)
+        idents, links = members if members is not None else self.members_of({root})[root]
+        links = sorted(links, key=lambda item: item[1].first)
         part = self.part
         local = Partition(self.space_id, self.rules)
         for x in idents:
@@ -1082,8 +1093,9 @@ async def settle(graph: Graph, loader: GraphLoader) -> None:
         if missing:
             await loader.load_idents(graph, sorted(missing))
         await loader.load_decisions(graph, sorted({ln.first for ln in mine} | graph.replaced_keys))
+        members = graph.members_of(roots)  # recomputing one leaves the others' members as they are
         for r in sorted(roots):
-            graph.recompute(r)
+            graph.recompute(r, members[r])
 
 
 # ---------------------------------------------------------------------------------------------
