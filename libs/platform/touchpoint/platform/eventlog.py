@@ -422,11 +422,17 @@ class LogConsumer:
         decode = self.decode
         prepared = await self.prepare(rows if decode is None else [decode(r) for r in rows], None)
         total = 0
+        loop = asyncio.get_running_loop()
+        renew_at = loop.time() + self.lease_ttl / 3
         for i in range(self.pipeline):
+            if loop.time() >= renew_at:
+                # run() renews between steps; a long chain of batches renews on its way.
+                await self._renew()
+                renew_at = loop.time() + self.lease_ttl / 3
             commit = asyncio.create_task(self._commit(row_name, pos, rows, prepared))
             nxt: tuple[tuple[Any, int], list[asyncpg.Record], Any] | None = None
             try:
-                if i + 1 < self.pipeline and len(rows) == self.batch_size:
+                if i + 1 < self.pipeline and len(rows) == self.batch_size and not self._stopping.is_set():
                     npos = (rows[-1]["xid"], rows[-1]["seq"])
                     nrows = await self._read(self.pool, partition, npos)
                     if nrows:
@@ -449,6 +455,24 @@ class LogConsumer:
                 break
             pos, rows, prepared = nxt
         return total
+
+    async def _renew(self) -> None:
+        """Extends this replica's leases and its membership (no partition changes hands)."""
+        ttl = timedelta(seconds=self.lease_ttl)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"""update {self.schema}.log_members set seen_at = now()
+                    where consumer = $1 and member = $2""",
+                self.name,
+                self.member,
+            )
+            await conn.execute(
+                f"""update {self.schema}.log_leases set expires_at = now() + $3::interval
+                    where consumer = $1 and owner = $2""",
+                self.name,
+                self.member,
+                ttl,
+            )
 
     async def _commit(
         self, row_name: str, pos: tuple[Any, int], rows: list[asyncpg.Record], prepared: Any
