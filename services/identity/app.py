@@ -75,9 +75,10 @@ class IdentitySettings:
     # Worker processes (SO_REUSEPORT: the kernel spreads connections over those on the port).
     # With more than one, and `consume`, the first applies the log and stays off the port (a
     # batch keeps its event loop busy for tens of milliseconds, which callers would wait for);
-    # the others answer the API. One process spends ~0.65 ms of CPU per ResolveProfile, mostly
-    # in gRPC's Python machinery: past ~1,000-1,500 calls/s calls queue behind each other, and
-    # more API processes help where cores are free. With more than one worker the profile
+    # the others answer the API. One process spends ~0.6 ms of CPU per ResolveProfile when busy
+    # and ~0.9-1.1 ms at 500 calls/s (fewer calls per wake-up), mostly in gRPC's Python
+    # machinery (bench/identity): past ~1,600 calls/s calls queue behind each other, and more
+    # API processes help where cores are free. With more than one worker the profile
     # metrics (touchpoint_identity_profiles, identifiers per profile) are not exported: they
     # are kept per process.
     workers: int = 1
@@ -159,6 +160,7 @@ with contextlib.suppress(ValueError):  # registered once per process
 @dataclass
 class IdentityApp:
     handle: ServerHandle
+    servicer: IdentityServicer
     stitcher: Stitcher
     channel: grpc.aio.Channel
     tasks: list[asyncio.Task[None]]
@@ -183,6 +185,7 @@ class IdentityApp:
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.handle.stop(grace)
+        await self.servicer.close()
         self.stitcher.consumer.stop()
         for t in self.tasks:
             if t.get_name() != "identity-consumer":
@@ -254,4 +257,4 @@ async def start_identity(pool: asyncpg.Pool, settings: IdentitySettings) -> Iden
         ]
     if settings.consume:
         tasks.append(asyncio.create_task(stitcher.consumer.run(), name="identity-consumer"))
-    return IdentityApp(handle, stitcher, channel, tasks)
+    return IdentityApp(handle, servicer, stitcher, channel, tasks)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -23,6 +24,10 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_SPACE_CHARS = 200
 MAX_TEXT_CHARS = 1000
+# Pooled connections the API keeps between ResolveProfile calls (see _KeptConnections).
+KEPT_CONNECTIONS = 2
+
+T = TypeVar("T")
 
 _ACTIONS = {
     "merged": pb.MERGE_ACTION_MERGED,
@@ -64,6 +69,72 @@ def entry_pb(r: asyncpg.Record) -> pb.MergeLogEntry:
     if r["superseded_time"] is not None:
         e.superseded_time.FromDatetime(r["superseded_time"])
     return e
+
+
+class _KeptConnections:
+    """A few of the pool's connections, kept by the API between ResolveProfile calls.
+
+    Taking a connection from the asyncpg pool and giving it back costs ~70 µs of CPU per call (a
+    task per release, a timer, a proxy object): as much as the lookup's own round trip, and a
+    tenth of the API's CPU per resolve (bench/identity). A call takes a kept connection when one
+    is free, keeps one more (up to `size`) when none is, and otherwise goes through the pool as
+    before. A connection whose call failed or was cancelled goes back to the pool, which resets
+    or replaces it; the answers, errors included, are those of the pool path."""
+
+    def __init__(self, pool: asyncpg.Pool, size: int) -> None:
+        self.pool = pool
+        self.size = size
+        self.free: list[Any] = []
+        self.kept = 0
+        self.closed = False
+
+    async def run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """work(connection or pool)."""
+        conn = None
+        while conn is None and self.free:
+            conn = self.free.pop()
+            if not _open(conn):  # closed meanwhile: the pool has it back and replaces it
+                await self._give_back(conn)
+                conn = None
+        if conn is None:
+            if self.kept >= self.size or self.closed:
+                return await work(self.pool)
+            self.kept += 1
+            try:
+                conn = await self.pool.acquire()
+            except BaseException:
+                self.kept -= 1
+                raise
+        try:
+            result = await work(conn)
+        except BaseException:
+            await self._give_back(conn)
+            raise
+        if self.closed:
+            await self._give_back(conn)
+        else:
+            self.free.append(conn)
+        return result
+
+    async def _give_back(self, conn: Any) -> None:
+        self.kept -= 1
+        await self.pool.release(conn)  # nothing to do if it closed (asyncpg released it then)
+
+    async def close(self) -> None:
+        """Gives every kept connection back (calls still running give theirs back when done)."""
+        self.closed = True
+        while self.free:
+            await self._give_back(self.free.pop())
+
+
+def _open(conn: Any) -> bool:
+    """Whether a kept connection can still run a query: asyncpg hands a pooled connection that
+    closed (a restart, pg_terminate_backend) back to its pool, after which its proxy refuses
+    every call."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
 
 
 class _Check:
@@ -142,9 +213,15 @@ def _time(value: str) -> datetime:
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
     def __init__(self, pool: asyncpg.Pool, stitcher: Stitcher, *, default_region: str) -> None:
         self.pool = pool
+        self.kept = _KeptConnections(pool, KEPT_CONNECTIONS)
         self.stitcher = stitcher
         self.region = default_region
         self.rules = stitcher.base_rules
+
+    async def close(self) -> None:
+        """Gives the connections kept for ResolveProfile back to the pool (after the server has
+        stopped taking calls)."""
+        await self.kept.close()
 
     def _check(self) -> _Check:
         return _Check(self.region)
@@ -167,7 +244,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             check.done()
         ident = check.identifier(request.identifier, "identifier")
         check.done()
-        found = await store.resolve(self.pool, space, [ident])
+        found = await self.kept.run(lambda conn: store.resolve(conn, space, [ident]))
         if ident not in found:
             raise not_found("IDENTIFIER_NOT_FOUND", "no profile holds this identifier", kind=ident[0])
         return pb.ResolveProfileResponse(profile=f"profiles/{found[ident]}", identifier=_ident_pb(ident))
@@ -187,14 +264,16 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         idents = [check.identifier(x, f"identifiers[{i}]") for i, x in enumerate(request.identifiers)]
         check.done()
         found = await store.resolve(self.pool, space, sorted(set(idents)))
-        return pb.BatchResolveProfilesResponse(
-            results=[
-                pb.ResolvedIdentifier(
-                    identifier=_ident_pb(x), profile=f"profiles/{found[x]}" if x in found else ""
-                )
-                for x in idents
-            ]
-        )
+        # Filled in place: building each result as a message of its own and the response from
+        # their list copied every one of them (a third of the call's CPU for 1,000).
+        response = pb.BatchResolveProfilesResponse()
+        add = response.results.add
+        for kind, value in idents:
+            pid = found.get((kind, value))
+            identifier = add(profile="" if pid is None else f"profiles/{pid}").identifier
+            identifier.kind = kind
+            identifier.value = value
+        return response
 
     async def GetProfile(
         self, request: pb.GetProfileRequest, context: grpc.aio.ServicerContext
