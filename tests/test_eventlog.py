@@ -170,3 +170,49 @@ async def test_reading_a_batch_is_an_ordered_index_read_not_a_sort(log_pool: asy
     plan = "\n".join(r[0] for r in await log_pool.fetch("explain " + READ_BATCH, "0", 0, 1000))
     assert "Index Scan" in plan, plan
     assert "Sort  (" not in plan and "Sort Key" not in plan.split("Merge Append")[0], plan
+
+
+async def test_pipelined_batches_apply_once_and_a_failed_commit_drops_the_next(
+    log_pool: asyncpg.Pool,
+) -> None:
+    """With prepare=, the next batch is prepared while one commits; a commit that fails leaves
+    its position, and the batch prepared after it is not applied."""
+    src = "src_" + secrets.token_hex(4)
+    name = "pipe_" + secrets.token_hex(4)
+    seen: list[str] = []
+    inner = recorder(name, seen, src)
+    prepared: list[tuple[int, bool]] = []
+    fail_on: set[str] = set()
+
+    async def prepare(events: list[LogEvent], previous: object) -> list[LogEvent]:
+        prepared.append((len(events), previous is not None))
+        await asyncio.sleep(0)
+        return events
+
+    async def apply(conn: asyncpg.Connection, events: list[LogEvent]) -> None:
+        await inner(conn, events)
+        if fail_on.intersection(e.message_id for e in events):
+            raise RuntimeError("this batch fails")
+
+    consumer = LogConsumer(
+        log_pool, schema="consumer_test", name=name, apply=apply, prepare=prepare, batch_size=10
+    )
+    await consumer.ensure()
+    await consumer.catch_up()  # skip past whatever other tests wrote
+    seen.clear()
+    prepared.clear()
+    async with log_pool.acquire() as conn:
+        await store.write_rows(conn, [row(src, f"p{i:03d}") for i in range(45)])
+    # The third batch (p020..p029) fails: the first two commit, the fourth (prepared while the
+    # third committed) is dropped.
+    fail_on.add("p025")
+    before = await consumer.position()
+    with pytest.raises(RuntimeError, match="this batch fails"):
+        await consumer.step()
+    assert await mine(log_pool, name, src) == [f"p{i:03d}" for i in range(20)]
+    assert any(chained for _, chained in prepared)  # batches were prepared while one committed
+    assert await consumer.position() > before
+    # Once the failure is gone, everything else is applied exactly once.
+    fail_on.clear()
+    await consumer.catch_up()
+    assert await mine(log_pool, name, src) == [f"p{i:03d}" for i in range(45)]
