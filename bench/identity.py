@@ -62,7 +62,7 @@ from services.ingest.store import EVENT_COLUMNS, create_source, ensure_partition
 from touchpoint.events.v1 import event_pb2
 from touchpoint.identity.v1 import identity_service_pb2 as pb
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc
-from touchpoint.platform.db import create_pool, migrate
+from touchpoint.platform.db import create_pool, migrate, sibling_pool
 from touchpoint.platform.eventlog import LogConsumer, LogEvent
 from touchpoint.platform.server import tune_gc
 from touchpoint.platform.testing import create_database
@@ -425,8 +425,11 @@ async def main(args: argparse.Namespace) -> None:
         settings = IdentitySettings(batch_size=args.batch_size)
         await migrate(pool, "identity", IDENTITY_MIGRATIONS)
         channel = grpc.aio.insecure_channel("127.0.0.1:9")  # DeleteProfile only; not called here
+        # As start_identity gives the consumer: its own pool, with raw times.
+        log_pool = await sibling_pool(pool, max_size=4, raw_times=True)
         stitcher = Stitcher(
             pool,
+            log_pool=log_pool,
             extractor=Extractor(settings.default_region, settings.trait_keys),
             rules=settings.rules(),
             ingest=ingest_service_pb2_grpc.IngestServiceStub(channel),
@@ -444,6 +447,7 @@ async def main(args: argparse.Namespace) -> None:
         used = {"identity consumer (python)": time.process_time() - cpu}
         used.update({k: v - before.get(k, 0.0) for k, v in cpu_seconds(pids).items()})
         await channel.close()
+        await log_pool.close()
         b = applied / elapsed
         profiles = await pool.fetchval(
             "select count(distinct profile_id) from identity.identifiers where space_id = $1", SPACE

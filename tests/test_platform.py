@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -16,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from touchpoint.ingest.v1 import ingest_service_pb2 as pb
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from touchpoint.platform.db import migrate
+from touchpoint.platform.db import migrate, sibling_pool
 from touchpoint.platform.errors import Violation, details_of, invalid_argument
 from touchpoint.platform.server import start_server
 from touchpoint.platform.settings import SettingsError, env_int
@@ -173,3 +174,30 @@ def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> N
         env_int("TOUCHPOINT_X", 7, minimum=7)
     monkeypatch.delenv("TOUCHPOINT_X")
     assert env_int("TOUCHPOINT_X", 9) == 9
+
+
+async def test_sibling_pool_with_raw_times_reads_and_writes_postgres_microseconds(pool: asyncpg.Pool) -> None:
+    table = "raw_" + secrets.token_hex(3)
+    await pool.execute(f"create table public.{table} (t timestamptz, doc jsonb)")
+    raw = await sibling_pool(pool, max_size=2, raw_times=True)
+    try:
+        # The same database: a table made through one pool is there through the other.
+        await raw.execute(f"insert into public.{table} values ('2000-01-01 00:00:01.5+00', '{{\"a\": 1}}')")
+        t, doc = await raw.fetchrow(f"select t, doc from public.{table}")
+        assert t == (1_500_000,)  # microseconds since 2000-01-01 UTC
+        assert doc == {"a": 1}  # the jsonb codec is the same as the process pool's
+        # Written back raw (COPY and parameters), read as datetimes through the ordinary pool.
+        async with raw.acquire() as conn:
+            await conn.copy_records_to_table(table, schema_name="public", records=[((86_400_000_000,), None)])
+        await raw.execute(f"insert into public.{table} (t) values ($1)", (-1,))
+        got = [r["t"] for r in await pool.fetch(f"select t from public.{table} order by t")]
+        assert got == [
+            datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+            datetime(2000, 1, 1, 0, 0, 1, 500_000, tzinfo=UTC),
+            datetime(2000, 1, 2, tzinfo=UTC),
+        ]
+        # Raw times order as the instants do.
+        ordered = [r["t"] for r in await raw.fetch(f"select t from public.{table} order by t")]
+        assert ordered == sorted(ordered) and ordered[0] < ordered[-1]
+    finally:
+        await raw.close()

@@ -23,7 +23,7 @@ from services.identity.servicer import IdentityServicer
 from services.identity.stitcher import Stitcher
 from touchpoint.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc
-from touchpoint.platform.db import migrate
+from touchpoint.platform.db import migrate, sibling_pool
 from touchpoint.platform.server import ServerHandle, start_server
 from touchpoint.platform.settings import SettingsError, env_float, env_int, env_list, env_str
 
@@ -164,6 +164,8 @@ class IdentityApp:
     stitcher: Stitcher
     channel: grpc.aio.Channel
     tasks: list[asyncio.Task[None]]
+    # The consumer's own pool (raw times), when this replica consumes.
+    log_pool: asyncpg.Pool | None = None
 
     @property
     def address(self) -> str:
@@ -194,6 +196,8 @@ class IdentityApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.channel.close()
+        if self.log_pool is not None:
+            await self.log_pool.close()
 
 
 async def _profile_stats(pool: asyncpg.Pool, interval: float) -> None:
@@ -223,38 +227,46 @@ async def _deletions(stitcher: Stitcher, interval: float) -> None:
 async def start_identity(pool: asyncpg.Pool, settings: IdentitySettings) -> IdentityApp:
     await migrate(pool, "identity", MIGRATIONS)
     channel = grpc.aio.insecure_channel(settings.ingest_addr)
-    stitcher = Stitcher(
-        pool,
-        extractor=Extractor(settings.default_region, settings.trait_keys),
-        rules=settings.rules(),
-        ingest=ingest_service_pb2_grpc.IngestServiceStub(channel),
-        batch_size=settings.batch_size,
-        rules_cache_seconds=settings.rules_cache_seconds,
-    )
-    await stitcher.consumer.ensure()
-    servicer = IdentityServicer(pool, stitcher, default_region=settings.default_region)
+    # Reads of the log, the batch being prepared and the one committing.
+    log_pool = await sibling_pool(pool, max_size=4, raw_times=True) if settings.consume else None
+    try:
+        stitcher = Stitcher(
+            pool,
+            log_pool=log_pool,
+            extractor=Extractor(settings.default_region, settings.trait_keys),
+            rules=settings.rules(),
+            ingest=ingest_service_pb2_grpc.IngestServiceStub(channel),
+            batch_size=settings.batch_size,
+            rules_cache_seconds=settings.rules_cache_seconds,
+        )
+        await stitcher.consumer.ensure()
+        servicer = IdentityServicer(pool, stitcher, default_region=settings.default_region)
 
-    def register(server: grpc.aio.Server) -> None:
-        identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(servicer, server)
+        def register(server: grpc.aio.Server) -> None:
+            identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(servicer, server)
 
-    handle = await start_server(
-        service="identity",
-        register=register,
-        service_names=[SERVICE_NAME],
-        listen=settings.listen,
-        metrics_port=settings.metrics_port,
-        reuse_port=settings.workers > 1,
-    )
-    tasks = []
-    if settings.maintenance:
-        tasks += [
-            asyncio.create_task(
-                _profile_stats(pool, settings.profile_stats_interval_seconds), name="identity-stats"
-            ),
-            asyncio.create_task(
-                _deletions(stitcher, settings.deletion_retry_seconds), name="identity-deletions"
-            ),
-        ]
-    if settings.consume:
-        tasks.append(asyncio.create_task(stitcher.consumer.run(), name="identity-consumer"))
-    return IdentityApp(handle, servicer, stitcher, channel, tasks)
+        handle = await start_server(
+            service="identity",
+            register=register,
+            service_names=[SERVICE_NAME],
+            listen=settings.listen,
+            metrics_port=settings.metrics_port,
+            reuse_port=settings.workers > 1,
+        )
+        tasks = []
+        if settings.maintenance:
+            tasks += [
+                asyncio.create_task(
+                    _profile_stats(pool, settings.profile_stats_interval_seconds), name="identity-stats"
+                ),
+                asyncio.create_task(
+                    _deletions(stitcher, settings.deletion_retry_seconds), name="identity-deletions"
+                ),
+            ]
+        if settings.consume:
+            tasks.append(asyncio.create_task(stitcher.consumer.run(), name="identity-consumer"))
+        return IdentityApp(handle, servicer, stitcher, channel, tasks, log_pool)
+    except BaseException:
+        if log_pool is not None:
+            await log_pool.close()
+        raise

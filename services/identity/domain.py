@@ -30,8 +30,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import random
 import re
-import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -568,10 +569,20 @@ class ComponentState:
     size: int
 
 
-def random_component_id() -> int:
-    # Random ids need no round trip; a collision fails the batch's insert, which is retried
-    # with fresh ids.
-    return secrets.randbits(62) + 1
+_EPOCH_US = 1_577_836_800_000_000  # 2020-01-01
+_last_component_id = 0
+
+
+def new_component_id() -> int:
+    """A fresh component id without a round trip: microseconds since 2020 in the high bits,
+    random low bits (replicas), increasing within the process. Ids that grow with time put
+    each batch's new index entries (identifiers, links and components by component id) at the
+    right edge of their indexes, where an insert costs a fraction of one at a random place.
+    A collision fails the batch's insert, which is retried with fresh ids."""
+    global _last_component_id
+    cid = max(_last_component_id + 1, (time.time_ns() // 1000 - _EPOCH_US) << 12 | random.getrandbits(12))
+    _last_component_id = cid
+    return cid
 
 
 class Graph:
@@ -579,7 +590,7 @@ class Graph:
     changes made to it. The store fills it with `load_*` and writes back what changed."""
 
     def __init__(
-        self, space_id: str, rules: Rules, new_component_id: Callable[[], int] = random_component_id
+        self, space_id: str, rules: Rules, new_component_id: Callable[[], int] = new_component_id
     ) -> None:
         self.space_id = space_id
         self.rules = rules

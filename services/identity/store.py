@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -323,6 +324,9 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
                  last.get(x), x in isolated, attrs_of.get(x))
             )  # fmt: skip
     if inserts:
+        # In key order: consecutive inserts land on the same index pages (a third cheaper in
+        # Postgres than one at a random place each).
+        inserts.sort(key=_KIND_VALUE)
         conn.copy_records_to_table(
             "identifiers", schema_name="identity", columns=_IDENT_COPY, records=inserts
         )
@@ -368,6 +372,7 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
             else:
                 link_updates.append((sk, ln.first[0], ln.first[1], ln.first[2], ln.cut, cid))
         if link_inserts:
+            link_inserts.sort(key=_SET_KEY)
             conn.copy_records_to_table(
                 "links", schema_name="identity", columns=_LINK_COPY, records=link_inserts
             )
@@ -403,9 +408,15 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
         )  # fmt: skip
 
     if observed:
-        _write_observations(conn, space, observed)
+        _write_observations(conn, space, observed, new - removed)
     return conn
 
+
+_KIND_VALUE = operator.itemgetter(1, 2)
+_SET_KEY = operator.itemgetter(1)
+_ANCHOR_TIME = operator.itemgetter(1, 2, 3)
+_TRAIT_KEY = operator.itemgetter(1, 2, 3)
+_TRAIT_COPY = ("space_id", "kind", "value", "key", "value_json", "time", "message_id", "source_id")
 
 _IDENT_COPY = (
     "space_id",
@@ -465,12 +476,17 @@ async def _ensure_stages(conn: asyncpg.Connection) -> None:
         _STAGED.add(raw)
 
 
-def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed]) -> None:
+def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed], new: set[Ident]) -> None:
+    """Event references, and the latest value of each trait per anchor. `new`: identifiers
+    this batch created, which have no traits yet (theirs go straight in by COPY)."""
     conn.copy_records_to_table(
         "event_refs",
         schema_name="identity",
         columns=("space_id", "kind", "value", "time", "message_id", "source_id"),
-        records=[(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed],
+        records=sorted(
+            [(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed],
+            key=_ANCHOR_TIME,
+        ),
     )
     latest: dict[tuple[Ident, str], tuple[Key, Any]] = {}
     for o in observed:
@@ -482,15 +498,26 @@ def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed
             prev = latest.get(slot)
             if prev is None or o.key > prev[0]:
                 latest[slot] = (o.key, v)
-    if latest:
-        conn.copy_records_to_table(
-            "identity_stage_traits",
-            records=[(s[0][0], s[0][1], s[1], v, k[0], k[1], k[2]) for s, (k, v) in latest.items()],
-        )
+    if not latest:
+        return
+    fresh = []
+    known = []
+    for (anchor, name), (when, v) in latest.items():
+        if anchor in new:
+            fresh.append((space, anchor[0], anchor[1], name, v, when[0], when[1], when[2]))
+        else:
+            known.append((anchor[0], anchor[1], name, v, when[0], when[1], when[2]))
+    if fresh:
+        # No row can exist (an identifier's traits go with it): a plain COPY, in key order.
+        fresh.sort(key=_TRAIT_KEY)
+        conn.copy_records_to_table("traits", schema_name="identity", columns=_TRAIT_COPY, records=fresh)
+    if known:
+        conn.copy_records_to_table("identity_stage_traits", records=known)
         conn.execute(
             """insert into identity.traits as t (space_id, kind, value, key, value_json, "time",
                    message_id, source_id)
                select $1, kind, value, key, value_json, t, mid, src from identity_stage_traits
+               order by kind, value, key
                on conflict (space_id, kind, value, key) do update set
                    value_json = excluded.value_json, "time" = excluded."time",
                    message_id = excluded.message_id, source_id = excluded.source_id

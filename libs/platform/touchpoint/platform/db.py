@@ -50,13 +50,47 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
-    """The process's pool, with the jsonb codec (bytes or objects in, objects out)."""
+async def _init_raw_times(conn: asyncpg.Connection) -> None:
+    await _init_connection(conn)
+    # timestamptz as Postgres has it: (microseconds since 2000-01-01 UTC,). The encoder and
+    # decoder are the C built-in `tuple`, so no Python runs per value; a datetime costs about
+    # 2 µs to encode and 1 µs to decode.
+    await conn.set_type_codec(
+        "timestamptz", schema="pg_catalog", encoder=tuple, decoder=tuple, format="tuple"
+    )
+
+
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, raw_times: bool = False, **kwargs: Any
+) -> asyncpg.Pool:
+    """The process's pool, with the jsonb codec (bytes or objects in, objects out).
+
+    raw_times: timestamptz values are (microseconds since 2000-01-01 UTC,) tuples both ways
+    instead of datetimes (for bulk paths that only compare and store times)."""
     pool = await asyncpg.create_pool(
-        url, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_raw_times if raw_times else _init_connection,
+        **kwargs,
     )
     assert pool is not None
     return pool
+
+
+async def sibling_pool(pool: asyncpg.Pool, *, max_size: int, raw_times: bool = False) -> asyncpg.Pool:
+    """Another pool to the database that `pool` connects to (its own connections and codecs).
+    asyncpg (pinned) keeps the connection arguments on the pool."""
+    args, kwargs = pool._connect_args, pool._connect_kwargs
+    created = await asyncpg.create_pool(
+        *args,
+        min_size=1,
+        max_size=max_size,
+        init=_init_raw_times if raw_times else _init_connection,
+        **kwargs,
+    )
+    assert created is not None
+    return created
 
 
 def migration_files(folder: Path) -> list[tuple[int, str, str]]:
