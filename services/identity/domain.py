@@ -1077,6 +1077,12 @@ async def apply(graph: Graph, loader: GraphLoader, observed: Sequence[Observed])
     await settle(graph, loader)
 
 
+# Events between two yields to the event loop while a batch is applied (a few milliseconds):
+# the previous batch's commit, in flight meanwhile, sends its next statement at each, so the
+# database does not wait for the whole batch to be prepared.
+YIELD_EVERY = 200
+
+
 async def observe_batch(graph: Graph, loader: GraphLoader, observed: Sequence[Observed]) -> None:
     """The first half of `apply`: loads what the batch touches and applies its events in key
     order; late ones leave their components dirty for `settle`."""
@@ -1086,7 +1092,7 @@ async def observe_batch(graph: Graph, loader: GraphLoader, observed: Sequence[Ob
     step = graph.observe
     for n, i in enumerate(sorted(range(len(observed)), key=lambda i: observed[i].key), 1):
         step(observed[i].idents, observed[i].key, sks[i] or None)
-        if n % 1000 == 0:
+        if n % YIELD_EVERY == 0:
             await asyncio.sleep(0)  # a batch in flight on the same event loop moves on meanwhile
 
 

@@ -68,7 +68,7 @@ REPREPARED = Counter(
 )
 # Events between two yields to the event loop while a batch is prepared: the previous batch's
 # commit, in flight meanwhile, moves on at each.
-_YIELD_EVERY = 1000
+_YIELD_EVERY = domain.YIELD_EVERY
 # After a batch of a space had to be prepared again (another writer of the space's graph,
 # typically another replica), this many of its next batches skip the fast path in prepare and
 # do all of it under the lock: work that would likely be thrown away is not done.

@@ -212,7 +212,10 @@ class LogConsumer:
     *outside* any transaction while the previous batch of the same partition commits (up to
     ``pipeline`` batches per step); ``apply(conn, prepared)`` then runs in the batch's
     transaction, which first checks that the position is still the one the batch was read from
-    (else another replica moved it: the prepared batch is dropped, nothing is applied). A
+    (else another replica moved it: the prepared batch is dropped, nothing is applied). A chain
+    of full batches goes on for up to ``chain_seconds`` (renewing the leases and exporting the
+    lag on its way) or ``pipeline`` batches: each break costs one commit and one prepare that
+    do not overlap. A
     consumer whose work is mostly CPU overlaps it with the database's work on the previous
     batch this way; ``prepare`` must yield to the event loop now and then so that the commit in
     flight keeps moving, and must not write. If a commit fails, the batch prepared after it is
@@ -237,7 +240,8 @@ class LogConsumer:
         lease_ttl: float | None = None,
         member: str | None = None,
         prepare: PrepareFn | None = None,
-        pipeline: int = 8,
+        pipeline: int = 1000,
+        chain_seconds: float | None = None,
     ) -> None:
         if "#" in name:
             raise ValueError("a consumer name may not contain '#'")
@@ -247,6 +251,7 @@ class LogConsumer:
         self.apply = apply
         self.prepare = prepare
         self.pipeline = max(1, pipeline)
+        self.chain_seconds = chain_seconds
         self.batch_size = batch_size
         self.idle_wait = idle_wait
         self.lag_interval = lag_interval
@@ -261,6 +266,9 @@ class LogConsumer:
         self.lease_ttl = (
             lease_ttl if lease_ttl is not None else env_float("TOUCHPOINT_LOG_LEASE_SECONDS", 10.0)
         )
+        if self.chain_seconds is None:
+            # Rebalancing (a replica that joins gets its share) waits for the chain to end.
+            self.chain_seconds = 3 * self.lease_ttl
         self.member = member or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         read = read_batch_sql(columns, log)
         if self.partitions > 1:
@@ -424,15 +432,25 @@ class LogConsumer:
         total = 0
         loop = asyncio.get_running_loop()
         renew_at = loop.time() + self.lease_ttl / 3
+        lag_at = loop.time() + self.lag_interval
+        end_at = loop.time() + (self.chain_seconds or 0.0)
         for i in range(self.pipeline):
             if loop.time() >= renew_at:
                 # run() renews between steps; a long chain of batches renews on its way.
                 await self._renew()
                 renew_at = loop.time() + self.lease_ttl / 3
+            if loop.time() >= lag_at:
+                await self.lag()  # the metrics move while a long chain catches up
+                lag_at = loop.time() + self.lag_interval
             commit = asyncio.create_task(self._commit(row_name, pos, rows, prepared))
             nxt: tuple[tuple[Any, int], list[asyncpg.Record], Any] | None = None
             try:
-                if i + 1 < self.pipeline and len(rows) == self.batch_size and not self._stopping.is_set():
+                if (
+                    i + 1 < self.pipeline
+                    and loop.time() < end_at
+                    and len(rows) == self.batch_size
+                    and not self._stopping.is_set()
+                ):
                     npos = (rows[-1]["xid"], rows[-1]["seq"])
                     nrows = await self._read(self.pool, partition, npos)
                     if nrows:
