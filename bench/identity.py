@@ -56,7 +56,7 @@ from bench.common import (
 from services.identity.app import MIGRATIONS as IDENTITY_MIGRATIONS
 from services.identity.app import IdentitySettings
 from services.identity.domain import Extractor
-from services.identity.stitcher import CONSUMER, CONSUMER_SERVER_SETTINGS, Stitcher
+from services.identity.stitcher import CONSUMER, Stitcher
 from services.ingest.app import MIGRATIONS as INGEST_MIGRATIONS
 from services.ingest.store import EVENT_COLUMNS, create_source, ensure_partitions
 from touchpoint.events.v1 import event_pb2
@@ -426,9 +426,7 @@ async def main(args: argparse.Namespace) -> None:
         await migrate(pool, "identity", IDENTITY_MIGRATIONS)
         channel = grpc.aio.insecure_channel("127.0.0.1:9")  # DeleteProfile only; not called here
         # As start_identity gives the consumer: its own pool, with raw times.
-        log_pool = await sibling_pool(
-            pool, max_size=4, raw_times=True, server_settings=CONSUMER_SERVER_SETTINGS
-        )
+        log_pool = await sibling_pool(pool, max_size=4, raw_times=True)
         stitcher = Stitcher(
             pool,
             log_pool=log_pool,

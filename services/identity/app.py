@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from services.identity import domain, store
 from services.identity.domain import Extractor, Rules
 from services.identity.servicer import IdentityServicer
-from services.identity.stitcher import CONSUMER_SERVER_SETTINGS, Stitcher
+from services.identity.stitcher import Stitcher
 from touchpoint.identity.v1 import identity_service_pb2, identity_service_pb2_grpc
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc
 from touchpoint.platform.db import migrate, sibling_pool
@@ -228,11 +228,7 @@ async def start_identity(pool: asyncpg.Pool, settings: IdentitySettings) -> Iden
     await migrate(pool, "identity", MIGRATIONS)
     channel = grpc.aio.insecure_channel(settings.ingest_addr)
     # Reads of the log, the batch being prepared and the one committing.
-    log_pool = (
-        await sibling_pool(pool, max_size=4, raw_times=True, server_settings=CONSUMER_SERVER_SETTINGS)
-        if settings.consume
-        else None
-    )
+    log_pool = await sibling_pool(pool, max_size=4, raw_times=True) if settings.consume else None
     try:
         stitcher = Stitcher(
             pool,

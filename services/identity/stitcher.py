@@ -75,13 +75,6 @@ _YIELD_EVERY = domain.YIELD_EVERY
 _CONTENDED_BATCHES = 16
 
 
-# Sessions of the consumer's pool (log_pool): every query it runs is driven by a batch's keys
-# and must look them up by index whatever the statistics say. While the graph grows by
-# thousands of identifiers a second, autovacuum's statistics lag behind by hundreds of
-# thousands of rows, and a planner that believes the space holds a few hundred identifiers
-# hashes all of them for each batch (at 1M events: 8 µs of Postgres per event on one update).
-CONSUMER_SERVER_SETTINGS = {"enable_hashjoin": "off", "enable_mergejoin": "off"}
-
 _gc_holds = 0
 _gc_batches = 0
 _GC_EVERY = 64

@@ -78,19 +78,10 @@ async def create_pool(
     return pool
 
 
-async def sibling_pool(
-    pool: asyncpg.Pool,
-    *,
-    max_size: int,
-    raw_times: bool = False,
-    server_settings: dict[str, str] | None = None,
-) -> asyncpg.Pool:
-    """Another pool to the database that `pool` connects to (its own connections and codecs;
-    `server_settings` are added to its sessions' settings). asyncpg (pinned) keeps the
-    connection arguments on the pool."""
-    args, kwargs = pool._connect_args, dict(pool._connect_kwargs)
-    if server_settings:
-        kwargs["server_settings"] = {**(kwargs.get("server_settings") or {}), **server_settings}
+async def sibling_pool(pool: asyncpg.Pool, *, max_size: int, raw_times: bool = False) -> asyncpg.Pool:
+    """Another pool to the database that `pool` connects to (its own connections and codecs).
+    asyncpg (pinned) keeps the connection arguments on the pool."""
+    args, kwargs = pool._connect_args, pool._connect_kwargs
     created = await asyncpg.create_pool(
         *args,
         min_size=1,
