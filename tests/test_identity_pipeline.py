@@ -9,8 +9,10 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
+import pytest
 from prometheus_client import REGISTRY
 
+from services.identity import stitcher as stitcher_module
 from services.identity.app import IdentitySettings, start_identity
 from services.ingest.app import IngestSettings, start_ingest
 from services.ingest.store import create_source
@@ -72,8 +74,11 @@ def _counter(name: str) -> float:
 
 
 async def test_small_batches_pipelined_over_the_overlay_give_one_profile_per_person(
-    pool: asyncpg.Pool,
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The consumer analyzes the graph's tables as it grows them (every 50 identifiers here).
+    monkeypatch.setattr(stitcher_module, "_ANALYZE_ROWS", 50)
+    analyzed = _counter("touchpoint_identity_tables_analyzed_total")
     ingest = await start_ingest(pool, IngestSettings.for_tests())
     space = "pipe_" + secrets.token_hex(3)
     key = "wk_" + secrets.token_hex(6)
@@ -95,6 +100,13 @@ async def test_small_batches_pipelined_over_the_overlay_give_one_profile_per_per
         assert _counter("touchpoint_identity_batches_reprepared_total") == again
         # Late events made components recompute (settled after the previous batch committed).
         assert _counter("touchpoint_identity_recomputed_components_total") > recomputed
+        # 300 new identifiers: analyzed after the first 50, and again once as many more came
+        # (reltuples: the count the last analyze saw; -1 when never analyzed).
+        assert _counter("touchpoint_identity_tables_analyzed_total") >= analyzed + 2
+        assert (
+            await pool.fetchval("select reltuples from pg_class where oid = 'identity.identifiers'::regclass")
+            >= 100
+        )
     finally:
         await identity.stop()
         await ingest.stop()

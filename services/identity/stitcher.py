@@ -75,6 +75,14 @@ _YIELD_EVERY = domain.YIELD_EVERY
 _CONTENDED_BATCHES = 16
 
 
+# The consumer analyzes the graph's tables after adding this many identifiers, or as many as
+# there were.
+_ANALYZE_ROWS = 20_000
+ANALYZED = Counter(
+    "touchpoint_identity_tables_analyzed_total",
+    "Times the consumer analyzed the graph's tables after growing them (fresh planner statistics).",
+)
+
 _gc_holds = 0
 _gc_batches = 0
 _GC_EVERY = 64
@@ -165,6 +173,10 @@ class Stitcher:
         self._rules: dict[str, tuple[float, Rules]] = {}
         # Space -> batches left to prepare without the fast path (see _CONTENDED_BATCHES).
         self._contended: dict[str, int] = {}
+        # Identifiers the consumer added since it last analyzed the graph's tables, and how
+        # many there were then (None: not analyzed by this process yet).
+        self._grown = 0
+        self._analyzed_rows: int | None = None
         # Only the columns stitching reads, as raw records: decoding whole LogEvents cost more
         # than a third of the graph step.
         self.consumer = LogConsumer(
@@ -217,6 +229,7 @@ class Stitcher:
             by_space[ev[2]].append(ev)  # space_id (LOG_COLUMNS)
         batch = _Batch({})
         async with self.consumer.pool.acquire() as conn:  # reads only
+            await self._analyze_if_grown(conn)
             rules = await self.rules_for(conn, list(by_space))
             check_deleted = await store.any_deleted(conn)
             observe = self.extractor.observe_fields
@@ -269,6 +282,25 @@ class Stitcher:
                 sb.graph, sb.version = graph, version
         return batch
 
+    async def _analyze_if_grown(self, conn: asyncpg.Connection) -> None:
+        """Analyzes the graph's tables once the consumer has doubled the identifiers (or added
+        _ANALYZE_ROWS), as a bulk load ends with. Autovacuum analyzes them a minute or more
+        late; meanwhile the planner, believing a space holds the few hundred identifiers it had
+        at the last analyze, scans all of them for each batch (seconds per batch at 1M events).
+        Only the space column matters to those plans, which keeps an analyze cheap."""
+        if self._grown < max(_ANALYZE_ROWS, self._analyzed_rows or 0):
+            return
+        self._grown = 0
+        await conn.execute(
+            "analyze identity.identifiers (space_id, kind), identity.links (space_id), "
+            "identity.components (space_id)"
+        )
+        rows = await conn.fetchval(
+            "select reltuples::bigint from pg_class where oid = 'identity.identifiers'::regclass"
+        )
+        self._analyzed_rows = max(int(rows or 0), 0)
+        ANALYZED.inc()
+
     async def apply(self, conn: asyncpg.Connection, batch: _Batch) -> None:
         # The batch and the consumer's position commit together and the log is durable at
         # ingest: a crash that loses this commit loses the position with it, and the batch is
@@ -319,6 +351,7 @@ class Stitcher:
             if not observed:
                 continue
             plans.append(store.plan_write(graph, observed))
+            self._grown += len(graph.new_idents)
             sb.graph, sb.wrote, sb.version_after = graph, True, version + 1
             self._count(graph)
 
