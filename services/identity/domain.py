@@ -1086,7 +1086,7 @@ YIELD_EVERY = 200
 async def observe_batch(graph: Graph, loader: GraphLoader, observed: Sequence[Observed]) -> None:
     """The first half of `apply`: loads what the batch touches and applies its events in key
     order; late ones leave their components dirty for `settle`."""
-    await loader.load_idents(graph, sorted({x for o in observed for x in o.idents}))
+    await loader.load_idents(graph, list({x for o in observed for x in o.idents}))  # the store sorts
     sks = [set_key(o.idents) if len(o.idents) > 1 else b"" for o in observed]
     await loader.load_links(graph, sorted({k for k in sks if k}))
     step = graph.observe
