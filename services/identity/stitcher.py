@@ -291,6 +291,8 @@ class Stitcher:
         if self._grown < max(_ANALYZE_ROWS, self._analyzed_rows or 0):
             return
         self._grown = 0
+        # A role that may not analyze them (not their owner, no pg_maintain) gets a warning
+        # from Postgres and nothing is analyzed: autovacuum's statistics then have to do.
         await conn.execute(
             "analyze identity.identifiers (space_id, kind), identity.links (space_id), "
             "identity.components (space_id)"
