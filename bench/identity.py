@@ -2,6 +2,7 @@
 
     python -m bench.identity [--events N] [--late F] [--batch-size B] [--concurrency C] [--resolves R]
                              [--extra E] [--rate Q] [--rate-seconds S] [--workers W]
+                             [--context browser|minimal]
 
 N events (default 1,000,000) of N/5 people go into ingest.events by COPY (this is a bench:
 it skips the ingest API). Each person has 5 identifiers (a user id, an email, three browsers'
@@ -9,6 +10,9 @@ anonymous ids) and 5 events: two anonymous page views, an identify (user id + fi
 email), two tracks (user id + the other browsers); so N identifiers stitch into N/5 profiles.
 People interleave in time, and a fraction F of the events (default 1 %) carries a timestamp 10
 minutes earlier than its place in the log: late events that make their component recompute.
+Each event carries the context analytics.js sends from a page (--context browser, 800 bytes of
+JSON) or only a library name and a short user agent (--context minimal, the bench before
+2026-11-29).
 
 (a) a plain in-memory union-find over the same links (each event's identifiers), the baseline;
 (b) the identity consumer applying the log to Postgres (in this process, uvloop and the garbage
@@ -97,9 +101,46 @@ def identifiers(i: int, k: int) -> tuple[str | None, str, dict[str, str] | None]
     return f"u{i}", f"a{i}-{k - 2}", None
 
 
-def rows(n: int, late: float, seed: int, source_id: str, first: int = 0) -> Iterator[tuple[object, ...]]:
+# The context of each event: "browser" is what analytics.js sends from a page (800 bytes: library,
+# page, userAgent and its client hints, locale, campaign, ip, screen), of which identity reads
+# only the user agent; "minimal" (what this bench used until 2026-11-29) is the library and a
+# short user agent.
+CONTEXTS = {
+    "browser": {
+        "library": {"name": "analytics.js", "version": "next-1.64.0"},
+        "page": {
+            "path": "/pricing",
+            "referrer": "https://www.google.com/",
+            "search": "?utm_source=google&utm_medium=cpc&utm_campaign=spring",
+            "title": "Pricing - Example",
+            "url": "https://www.example.com/pricing?utm_source=google&utm_medium=cpc&utm_campaign=spring",
+        },
+        "userAgent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+        "userAgentData": {
+            "brands": [
+                {"brand": "Not_A Brand", "version": "8"},
+                {"brand": "Chromium", "version": "120"},
+                {"brand": "Google Chrome", "version": "120"},
+            ],
+            "mobile": False,
+            "platform": "macOS",
+        },
+        "locale": "en-US",
+        "timezone": "Europe/Berlin",
+        "campaign": {"source": "google", "medium": "cpc", "name": "spring"},
+        "ip": "203.0.113.7",
+        "screen": {"width": 1512, "height": 982, "density": 2},
+    },
+    "minimal": {"library": {"name": "analytics.js"}, "userAgent": "Mozilla/5.0"},
+}
+
+
+def rows(
+    n: int, late: float, seed: int, source_id: str, first: int = 0, context: str = "browser"
+) -> Iterator[tuple[object, ...]]:
     received = datetime.now(UTC)
-    ctx = orjson.dumps({"library": {"name": "analytics.js"}, "userAgent": "Mozilla/5.0"})
+    ctx = orjson.dumps(CONTEXTS[context])
     for i, k, t, _ in stream(n, late, seed, first):
         user, anon, traits = identifiers(i, k)
         kind = "identify" if k == 2 else ("page" if k < 2 else "track")
@@ -423,7 +464,7 @@ async def main(args: argparse.Namespace) -> None:
             pool, write_key="bench_" + secrets.token_hex(6), name="bench", space_id=SPACE
         )
         t = time.perf_counter()
-        await copy_events(pool, rows(n, args.late, args.seed, source))
+        await copy_events(pool, rows(n, args.late, args.seed, source, context=args.context))
         print(
             f"loaded {n:,} events of {people:,} people into ingest.events in {time.perf_counter() - t:.1f} s"
         )
@@ -538,7 +579,9 @@ async def main(args: argparse.Namespace) -> None:
             print(f"     {cpu_line}")
 
         # (c2) the same load while a consumer replica applies `extra` events of new people.
-        await copy_events(pool, rows(extra, args.late, args.seed + 1, source, first=people))
+        await copy_events(
+            pool, rows(extra, args.late, args.seed + 1, source, first=people, context=args.context)
+        )
         c_port, c_metrics = free_port(), free_port()
         consumer = start_service(
             "identity",
@@ -631,6 +674,9 @@ if __name__ == "__main__":
     )
     parser.add_argument("--rate-seconds", type=float, default=15.0, help="length of each open-loop run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--context", choices=sorted(CONTEXTS), default="browser", help="each event's context (see CONTEXTS)"
+    )
     import uvloop
 
     uvloop.run(main(parser.parse_args()))

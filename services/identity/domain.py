@@ -255,6 +255,31 @@ class Extractor:
         context: Mapping[str, Any] | None,
     ) -> tuple[list[Ident], list[Ident]]:
         """(usable identifiers in priority order, blocked ones)."""
+        ctx = context or {}
+        return self.identifiers_of(
+            rules,
+            user_id,
+            anonymous_id,
+            previous_id,
+            traits,
+            ctx.get("traits"),
+            ctx.get("device"),
+            ctx.get("externalIds"),
+        )
+
+    def identifiers_of(
+        self,
+        rules: Rules,
+        user_id: str | None,
+        anonymous_id: str | None,
+        previous_id: str | None,
+        traits: Any,
+        ctx_traits: Any,
+        device: Any,
+        external: Any,
+    ) -> tuple[list[Ident], list[Ident]]:
+        """`identifiers` from the members of the context it reads (context.traits, .device,
+        .externalIds), each as found there (any JSON value, None when absent)."""
         region = self.default_region
         usable: dict[Ident, None] = {}
         bad: dict[Ident, None] = {}
@@ -266,9 +291,10 @@ class Extractor:
             # alias: the previous id is taken as the anonymousId the user had before (the
             # common case). A previous *userId* cannot merge anyway: one user_id per profile.
             _take(usable, bad, rules, "anonymous_id", previous_id, region)
-        ctx = context or {}
-        ctx_traits = ctx.get("traits")
-        for t in (traits, ctx_traits if isinstance(ctx_traits, dict) else None):
+        for t in (
+            traits if isinstance(traits, dict) else None,
+            ctx_traits if isinstance(ctx_traits, dict) else None,
+        ):
             if not t:
                 continue
             if "email" in t:
@@ -278,12 +304,10 @@ class Extractor:
             for key in self.trait_keys:
                 if key in t:
                     _take(usable, bad, rules, key, t[key], region)
-        device = ctx.get("device")
         if isinstance(device, dict):
             for key, kind in DEVICE_FIELDS:
                 if key in device:
                     _take(usable, bad, rules, kind, device[key], region)
-        external = ctx.get("externalIds")
         if isinstance(external, list):
             for item in external:
                 if isinstance(item, dict):
@@ -297,6 +321,8 @@ class Extractor:
 
     def observe(self, ev: Any, rules: Rules) -> Observed | None:
         """The identity-relevant part of a LogEvent; None when it carries no usable identifier."""
+        ctx = ev.context if isinstance(ev.context, dict) else {}
+        ua = ctx.get("userAgent")
         return self.observe_fields(
             rules,
             ev.space_id,
@@ -307,7 +333,11 @@ class Extractor:
             ev.previous_id,
             ev.timestamp,
             ev.traits,
-            ev.context,
+            ctx.get("traits"),
+            ctx.get("device"),
+            ctx.get("externalIds"),
+            ctx.get("os"),
+            ua if isinstance(ua, str) else None,
         )
 
     def observe_fields(
@@ -319,39 +349,43 @@ class Extractor:
         user_id: str | None,
         anonymous_id: str | None,
         previous_id: str | None,
-        timestamp: datetime,
+        timestamp: Any,
         traits: Any,
-        context: Any,
+        ctx_traits: Any,
+        device: Any,
+        external: Any,
+        os_: Any,
+        user_agent: str | None,
     ) -> Observed | None:
-        """`observe` for the columns of a log row (the consumer reads only these: LOG_COLUMNS)."""
-        ctx = context if isinstance(context, dict) else {}
+        """`observe` for the columns of a log row (the consumer reads only these: LOG_COLUMNS):
+        of the context, the members identity reads, as found there (None when absent)."""
         traits = traits if isinstance(traits, dict) else {}
-        usable, blocked = self.identifiers(
-            rules,
-            user_id=user_id,
-            anonymous_id=anonymous_id,
-            previous_id=previous_id,
-            traits=traits,
-            context=ctx,
+        usable, blocked = self.identifiers_of(
+            rules, user_id, anonymous_id, previous_id, traits, ctx_traits, device, external
         )
         if not usable:
             return None
-        ctx_traits = ctx.get("traits")
         merged_traits = {**ctx_traits, **traits} if isinstance(ctx_traits, dict) and ctx_traits else traits
-        has_device = "device" in ctx or "os" in ctx or "userAgent" in ctx
+        has_device = device is not None or os_ is not None or user_agent is not None
         return Observed(
             space_id,
             (timestamp, message_id, source_id),
             tuple(usable),
             tuple(blocked),
             merged_traits,
-            device_attrs(ctx) if has_device else {},
+            device_attrs(device, os_, user_agent) if has_device else {},
         )
 
 
 # The columns of the event log the consumer reads, in `observe_fields`' order (after xid, seq).
+# Of the context only the members identity reads: a browser's or an app's context is a
+# kilobyte or more of JSON (page, campaign, screen, library...) that Postgres would turn into
+# text, send, and the consumer decode, for every event; these are a few bytes, mostly null.
+# userAgent only when it is a string (what device_attrs takes), as text: no JSON to decode.
 LOG_COLUMNS = """e.space_id, e.source_id, e.message_id, e.user_id, e.anonymous_id, e.previous_id,
-    e."timestamp", e.traits, e.context"""
+    e."timestamp", e.traits, e.context->'traits', e.context->'device', e.context->'externalIds',
+    e.context->'os',
+    case when jsonb_typeof(e.context->'userAgent') = 'string' then e.context->>'userAgent' end"""
 
 
 def _take(
@@ -383,21 +417,19 @@ def _take(
 _NORMALISED = frozenset({"email", "phone"})
 
 
-def device_attrs(ctx: Mapping[str, Any]) -> dict[str, str]:
+def device_attrs(device: Any, os_: Any, ua: Any) -> dict[str, str]:
+    """What context.device, context.os and context.userAgent say about the device or browser."""
     out: dict[str, str] = {}
-    device = ctx.get("device")
     if isinstance(device, dict):
         for key in ("type", "manufacturer", "model"):
             v = device.get(key)
             if isinstance(v, str) and v:
                 out[key] = v[:200]
-    os_ = ctx.get("os")
     if isinstance(os_, dict):
         for key, name in (("name", "os_name"), ("version", "os_version")):
             v = os_.get(key)
             if isinstance(v, str) and v:
                 out[name] = v[:200]
-    ua = ctx.get("userAgent")
     if isinstance(ua, str) and ua:
         out["user_agent"] = ua[:500]
     return out
