@@ -28,6 +28,9 @@ _SEP = "\x1e"  # identifier values never hold control characters (domain.normali
 _LINK_COLUMNS = (
     "l.set_key, l.idents, l.first_time, l.first_message_id, l.first_source_id, l.cut, l.component_id"
 )
+# A link's identifiers ("kind:value" joined by _SEP, migration 0005) as an array: the expression
+# of the links_loose index, which a query must spell the same way to use it.
+_LINK_IDENTS = "string_to_array(l.idents, E'\\x1e')"
 _IDENT_COLUMNS = """i.kind, i.value, i.profile_id, i.component_id, i.first_time, i.first_message_id,
     i.first_source_id, i.isolated, c.max_time, c.max_message_id, c.max_source_id, c.size"""
 
@@ -64,7 +67,7 @@ def _load_link_rows(graph: Graph, rows: Iterable[asyncpg.Record]) -> None:
     for r in rows:
         graph.load_link(
             bytes(r["set_key"]),
-            tuple(decode_ident(t) for t in r["idents"]),
+            tuple(decode_ident(t) for t in r["idents"].split(_SEP)),
             (r["first_time"], r["first_message_id"], r["first_source_id"]),
             r["cut"],
             r["component_id"],
@@ -166,11 +169,11 @@ class PgLoader:
         rows = list(
             await self.conn.fetch(
                 f"""select {_LINK_COLUMNS} from identity.links l
-                    where l.space_id = $1 and l.component_id is null and l.idents && $2::text[]
+                    where l.space_id = $1 and l.component_id is null and {_LINK_IDENTS} && $2::text[]
                     union all
                     select {_LINK_COLUMNS} from unnest($3::bigint[]) as u(cid)
                     join identity.links l on l.component_id = u.cid
-                    where l.idents && $2::text[]""",
+                    where {_LINK_IDENTS} && $2::text[]""",
                 self.space_id,
                 wanted,
                 list(components),
@@ -179,12 +182,13 @@ class PgLoader:
         if scan:
             rows += await self.conn.fetch(
                 f"""select {_LINK_COLUMNS} from identity.links l
-                    where l.space_id = $1 and l.component_id is not null and l.idents && $2::text[]""",
+                    where l.space_id = $1 and l.component_id is not null
+                      and {_LINK_IDENTS} && $2::text[]""",
                 self.space_id,
                 wanted,
             )
         _load_link_rows(graph, rows)
-        return [tuple(decode_ident(t) for t in r["idents"]) for r in rows]
+        return [tuple(decode_ident(t) for t in r["idents"].split(_SEP)) for r in rows]
 
 
 async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Observed] = ()) -> None:
@@ -368,7 +372,7 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
             cid = None if ln.component is None else find(ln.component)
             if sk in fresh_links:
                 link_inserts.append(
-                    (space, sk, [f"{k}:{v}" for k, v in ln.idents], ln.first[0], ln.first[1],
+                    (space, sk, _SEP.join([f"{k}:{v}" for k, v in ln.idents]), ln.first[0], ln.first[1],
                      ln.first[2], ln.cut, cid)
                 )  # fmt: skip
             else:
