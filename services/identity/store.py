@@ -332,7 +332,7 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
     if inserts:
         # In key order: consecutive inserts land on the same index pages (a third cheaper in
         # Postgres than one at a random place each).
-        inserts.sort(key=_KIND_VALUE)
+        _sort_by(inserts, 1, 2)
         conn.copy_records_to_table(
             "identifiers", schema_name="identity", columns=_IDENT_COPY, records=inserts
         )
@@ -418,10 +418,18 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
     return conn
 
 
-_KIND_VALUE = operator.itemgetter(1, 2)
 _SET_KEY = operator.itemgetter(1)
-_ANCHOR_TIME = operator.itemgetter(1, 2, 3)
-_TRAIT_KEY = operator.itemgetter(1, 2, 3)
+_ITEM = [operator.itemgetter(i) for i in range(4)]
+
+
+def _sort_by(rows: list[Any], *columns: int) -> None:
+    """Sorts rows by these str columns in order, one stable sort per column from the last: on
+    str keys alone timsort compares without the generic comparison, which makes this a third
+    of the cost of one sort on a tuple of the columns (1 µs a row for 20,000 rows here)."""
+    for i in reversed(columns):
+        rows.sort(key=_ITEM[i])
+
+
 _TRAIT_COPY = ("space_id", "kind", "value", "key", "value_json", "time", "message_id", "source_id")
 
 _IDENT_COPY = (
@@ -485,14 +493,15 @@ async def _ensure_stages(conn: asyncpg.Connection) -> None:
 def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed], new: set[Ident]) -> None:
     """Event references, and the latest value of each trait per anchor. `new`: identifiers
     this batch created, which have no traits yet (theirs go straight in by COPY)."""
+    # By anchor, as the index is (its time within it matters little: an anchor's rows of a
+    # batch are adjacent either way).
+    refs = [(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed]
+    _sort_by(refs, 1, 2)
     conn.copy_records_to_table(
         "event_refs",
         schema_name="identity",
         columns=("space_id", "kind", "value", "time", "message_id", "source_id"),
-        records=sorted(
-            [(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed],
-            key=_ANCHOR_TIME,
-        ),
+        records=refs,
     )
     latest: dict[tuple[Ident, str], tuple[Key, Any]] = {}
     for o in observed:
@@ -515,7 +524,7 @@ def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed
             known.append((anchor[0], anchor[1], name, v, when[0], when[1], when[2]))
     if fresh:
         # No row can exist (an identifier's traits go with it): a plain COPY, in key order.
-        fresh.sort(key=_TRAIT_KEY)
+        _sort_by(fresh, 1, 2, 3)
         conn.copy_records_to_table("traits", schema_name="identity", columns=_TRAIT_COPY, records=fresh)
     if known:
         conn.copy_records_to_table("identity_stage_traits", records=known)
