@@ -2,7 +2,7 @@
 
     python -m bench.identity [--events N] [--late F] [--batch-size B] [--concurrency C] [--resolves R]
                              [--extra E] [--rate Q] [--rate-seconds S] [--workers W]
-                             [--context browser|minimal]
+                             [--context browser|minimal] [--apply-only]
 
 N events (default 1,000,000) of N/5 people go into ingest.events by COPY (this is a bench:
 it skips the ingest API). Each person has 5 identifiers (a user id, an email, three browsers'
@@ -516,6 +516,8 @@ async def main(args: argparse.Namespace) -> None:
             f"wall, {cpu_total:.1f} µs/event CPU; target: b >= 20,000 events/s)"
         )
         assert applied == n and profiles == people, (applied, profiles)
+        if args.apply_only:
+            return
 
         # Out of the measurement: the bulk load's maintenance, and what (b) left in this process
         # (it calls the API from here: the collector should not walk (b)'s objects).
@@ -674,6 +676,7 @@ if __name__ == "__main__":
     )
     parser.add_argument("--rate-seconds", type=float, default=15.0, help="length of each open-loop run")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--apply-only", action="store_true", help="run (a) and (b) only, no resolves")
     parser.add_argument(
         "--context", choices=sorted(CONTEXTS), default="browser", help="each event's context (see CONTEXTS)"
     )

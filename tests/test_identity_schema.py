@@ -91,3 +91,42 @@ async def test_a_profiles_identifiers_are_found_through_the_hash_index(pool: asy
                where c.oid = 'identity.identifiers_profile'::regclass"""
         )
         assert method == "hash"
+
+
+async def test_a_batchs_identifiers_are_probed_by_index_whatever_the_statistics(
+    pg_server_url: str,
+) -> None:
+    # 100,000 identifiers in 20,000 profiles, and the statistics a consumer may have before
+    # autovacuum comes: its own analyze of the space and kind columns only, none for `value`.
+    # Planned on those, a plain join scanned every identifier and component for each batch.
+    pool = await create_pool(await create_database(pg_server_url, "tp_probe"), max_size=2)
+    try:
+        await migrate(pool, "identity", MIGRATIONS)
+        await pool.execute("alter table identity.identifiers set (autovacuum_enabled = false)")
+        await pool.execute("alter table identity.components set (autovacuum_enabled = false)")
+        await pool.execute(
+            """insert into identity.components (component_id, space_id, size)
+               select c, 'probe', 5 from generate_series(1, 20000) c;
+               insert into identity.identifiers (space_id, kind, value, profile_id, component_id,
+                   first_time, first_message_id, first_source_id, last_time)
+               select 'probe', 'anonymous_id', 'a' || n, 'p' || (n / 5), n / 5 + 1, now(), 'm', 's', now()
+               from generate_series(0, 99999) n;
+               analyze identity.identifiers (space_id, kind)"""
+        )
+        # A batch's probes: some known identifiers, most new.
+        known = [("anonymous_id", f"a{n}") for n in range(0, 100000, 7)]
+        new = [("anonymous_id", f"new{n}") for n in range(20000)]
+        packed = store._SEP.join(sorted(f"{k}\x1f{v}" for k, v in known + new))
+        async with pool.acquire() as conn, conn.transaction():
+            for mode in ("force_generic_plan", "force_custom_plan"):
+                await conn.execute(f"set local plan_cache_mode = {mode}")
+                plan = "\n".join(
+                    r[0] for r in await conn.fetch("explain " + store.LOAD_IDENTS_SQL, "probe", packed)
+                )
+                assert "Seq Scan" not in plan, plan
+            graph = Graph("probe", Rules())
+            await PgLoader(conn, "probe").load_idents(graph, known + new)
+            # Every member of the profiles found, and nothing else.
+            assert len(graph.part.prof) == len({int(v[1:]) // 5 for _, v in known}) * 5
+    finally:
+        await pool.close()

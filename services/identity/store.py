@@ -41,6 +41,27 @@ _UNPACK_IDENTS = """(select split_part(p, E'\\x1f', 1) as kind, split_part(p, E'
     from unnest(string_to_array({}::text, E'\\x1e')) as p) as u"""
 
 
+# PgLoader.load_idents: the identifiers of a batch ($2, packed), the other members of their
+# profiles, and their components' rows. One index probe per identifier, per profile found and per
+# component, whatever the planner believes: LIMIT/OFFSET keep each lateral subquery a subquery.
+# Left to itself, with statistics that lag the growing tables (none yet for `value` until
+# autovacuum comes), it estimated the probes at hundreds of rows each and scanned every identifier
+# of the space and every component for each batch (66 µs/event at 200k identifiers, and growing).
+LOAD_IDENTS_SQL = f"""with hit as (
+        select distinct h.profile_id
+        from {_UNPACK_IDENTS.format("$2")}
+        cross join lateral (
+            select i.profile_id from identity.identifiers i
+            where i.space_id = $1 and i.kind = u.kind and i.value = u.value
+            limit 1) h)
+    select {_IDENT_COLUMNS}
+    from hit
+    cross join lateral (
+        select * from identity.identifiers i where i.profile_id = hit.profile_id offset 0) i
+    left join lateral (
+        select * from identity.components c where c.component_id = i.component_id limit 1) c on true"""
+
+
 def pack_idents(idents: Iterable[Ident]) -> str:
     return _SEP.join([f"{k}\x1f{v}" for k, v in idents])
 
@@ -85,15 +106,7 @@ class PgLoader:
         if not idents:
             return
         rows = await self.conn.fetch(
-            f"""with hit as (
-                    select distinct i.profile_id
-                    from {_UNPACK_IDENTS.format("$2")}
-                    join identity.identifiers i
-                      on i.space_id = $1 and i.kind = u.kind and i.value = u.value)
-                select {_IDENT_COLUMNS}
-                from identity.identifiers i
-                left join identity.components c on c.component_id = i.component_id
-                where i.profile_id in (select profile_id from hit)""",
+            LOAD_IDENTS_SQL,
             self.space_id,
             # In key order, so the probes walk the index in order (sorting the packed strings
             # costs half what sorting the tuples does).
