@@ -640,3 +640,34 @@ async def test_metrics_report_profiles(identity: IdentityApp, space: Space) -> N
     )
     assert applied and applied > 0
     assert REGISTRY.get_sample_value("touchpoint_identity_merges_total") is not None
+
+
+async def test_api_only_replicas_make_no_maintenance_scans(
+    pool: asyncpg.Pool, ingest: IngestApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From the environment: maintenance (the profile metrics' scan, deletion retries) follows
+    # TOUCHPOINT_IDENTITY_CONSUME unless set on its own.
+    for consume, maintenance, expected in (
+        (None, None, (True, True)),
+        ("false", None, (False, False)),
+        ("false", "true", (False, True)),
+        ("true", "false", (True, False)),
+    ):
+        for name, value in (
+            ("TOUCHPOINT_IDENTITY_CONSUME", consume),
+            ("TOUCHPOINT_IDENTITY_MAINTENANCE", maintenance),
+        ):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        got = IdentitySettings.from_env()
+        assert (got.consume, got.maintenance) == expected, (consume, maintenance)
+    # An API-only replica runs no background task at all.
+    api = await start_identity(
+        pool, IdentitySettings.for_tests(ingest.address, consume=False, maintenance=False)
+    )
+    try:
+        assert api.tasks == []
+    finally:
+        await api.stop(1)

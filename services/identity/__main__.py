@@ -34,7 +34,7 @@ async def main() -> None:
             settings,
             metrics_port=None,  # the supervisor serves every worker's
             consume=settings.consume and first,
-            maintenance=first,
+            maintenance=settings.maintenance and first,
         )
         if settings.consume:
             # The worker applying the log keeps its event loop busy for tens of milliseconds

@@ -69,8 +69,10 @@ class IdentitySettings:
     profile_stats_interval_seconds: float = 300.0
     # Seconds between retries of event deletions that ingest did not confirm.
     deletion_retry_seconds: float = 30.0
-    # Whether this process retries queued event deletions and refreshes the profile metrics
-    # (worker processes after the first do not).
+    # Whether this process retries queued event deletions and refreshes the profile metrics (a
+    # scan of identity.identifiers). TOUCHPOINT_IDENTITY_MAINTENANCE, by default what `consume`
+    # is: replicas that only answer the API add no scans (the consuming replicas export the
+    # profile metrics). Worker processes after the first never do.
     maintenance: bool = True
     # Worker processes (SO_REUSEPORT: the kernel spreads connections over those on the port).
     # With more than one, and `consume`, the first applies the log and stays off the port (a
@@ -87,6 +89,7 @@ class IdentitySettings:
     def from_env(cls) -> IdentitySettings:
         try:
             limits = domain.parse_limits(env_str("TOUCHPOINT_IDENTITY_LIMITS", "user_id=1"))
+            consume = _flag("TOUCHPOINT_IDENTITY_CONSUME", True)
             settings = cls(
                 listen=env_str("TOUCHPOINT_IDENTITY_LISTEN", cls.listen),
                 metrics_port=env_int("TOUCHPOINT_IDENTITY_METRICS_PORT", 9102, minimum=0),
@@ -97,7 +100,8 @@ class IdentitySettings:
                 default_limit=env_int("TOUCHPOINT_IDENTITY_DEFAULT_LIMIT", domain.DEFAULT_LIMIT, minimum=1),
                 priority=env_list("TOUCHPOINT_IDENTITY_PRIORITY", domain.DEFAULT_PRIORITY),
                 blocked_pattern=env_str("TOUCHPOINT_IDENTITY_BLOCKED_PATTERN", ""),
-                consume=env_str("TOUCHPOINT_IDENTITY_CONSUME", "true").lower() not in ("0", "false", "no"),
+                consume=consume,
+                maintenance=_flag("TOUCHPOINT_IDENTITY_MAINTENANCE", consume),
                 batch_size=env_int("TOUCHPOINT_IDENTITY_BATCH_SIZE", cls.batch_size, minimum=1),
                 rules_cache_seconds=env_float("TOUCHPOINT_IDENTITY_RULES_CACHE_SECONDS", 10.0),
                 profile_stats_interval_seconds=env_float("TOUCHPOINT_IDENTITY_PROFILE_STATS_SECONDS", 300.0),
@@ -198,6 +202,10 @@ class IdentityApp:
         await self.channel.close()
         if self.log_pool is not None:
             await self.log_pool.close()
+
+
+def _flag(name: str, default: bool) -> bool:
+    return env_str(name, "true" if default else "false").strip().lower() not in ("0", "false", "no")
 
 
 async def _profile_stats(pool: asyncpg.Pool, interval: float) -> None:
