@@ -22,7 +22,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP) ## create .venv with the pinned dependencies
 
-run: $(STAMP) ## start Postgres (embedded unless TOUCHPOINT_DATABASE_URL is set) and every service
+native: $(STAMP) ## compile the identity graph's hot path with mypyc into build/native (skipped when current)
+	$(PY) scripts/build_native.py
+
+run: $(STAMP) native ## start Postgres (embedded unless TOUCHPOINT_DATABASE_URL is set) and every service
 	$(PY) -m touchpoint.platform.launcher
 
 migrate: $(STAMP) ## apply every service's migrations to TOUCHPOINT_DATABASE_URL
@@ -54,7 +57,7 @@ tools: ## system tools the tests use: promtool (Debian's prometheus package); ku
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@command -v kubectl >/dev/null || { echo "kubectl is missing (it ships with the machine image's google-cloud-cli)"; exit 1; }
 
-test: $(STAMP) tools proto-check lint typecheck ## install what is needed and run every check
+test: $(STAMP) native tools proto-check lint typecheck ## install what is needed and run every check
 	@# Each test has its own timeout (pyproject); this bounds the whole run, teardown included,
 	@# so a hang fails in 25 minutes (SIGINT prints pytest's summary) instead of using up CI's 90.
 	timeout -s INT -k 60 1500 $(PY) -m pytest $(PYTEST_ARGS)
@@ -71,9 +74,9 @@ load: $(STAMP) ## bench/load: fixed offered rate against the gateway and the gRP
 lock: ## rewrite requirements.lock from pyproject.toml in a scratch venv
 	rm -rf /tmp/tp-lock && $(PYTHON_SYS) -m venv /tmp/tp-lock && /tmp/tp-lock/bin/pip install -q '.[dev]' && \
 	  (echo '# Every package of the dev environment, pinned (pip freeze). `make lock` rewrites it from pyproject.toml.'; \
-	   /tmp/tp-lock/bin/pip freeze --exclude touchpoint --exclude pip) > requirements.lock
+	   /tmp/tp-lock/bin/pip freeze --all --exclude touchpoint --exclude pip) > requirements.lock
 
 clean: ## remove the venv and local data
-	rm -rf $(VENV) .data .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data .mypy_cache .ruff_cache build
 
-.PHONY: help venv run proto proto-check lint fmt typecheck tools test bench load migrate lock clean
+.PHONY: help venv native run proto proto-check lint fmt typecheck tools test bench load migrate lock clean

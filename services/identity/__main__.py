@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 
 import asyncpg
 
+import services.identity
 from services.identity.app import IdentitySettings, start_identity
 from touchpoint.platform.db import create_pool
 from touchpoint.platform.logs import setup_logging
@@ -41,6 +43,13 @@ async def main() -> None:
             # per batch: it stays off the shared port, so no caller waits behind a batch.
             settings = dataclasses.replace(settings, listen="127.0.0.1:0", workers=1)
     setup_logging("identity", common.log_level)
+    if services.identity.NATIVE:
+        logging.getLogger(__name__).info("graph step compiled (build/native)")
+    else:
+        logging.getLogger(__name__).warning(
+            "graph step from source: build/native is missing, stale or off (TOUCHPOINT_NATIVE=0); "
+            "`make native` compiles it"
+        )
     pool = await create_pool(common.database_url, max_size=common.db_pool_size, reset=keep_session)
     try:
         app = await start_identity(pool, settings)

@@ -45,9 +45,12 @@ import phonenumbers
 # already refuses them as userId/anonymousId; identity refuses them as any identifier.
 from services.ingest.domain import JUNK_IDS, is_junk_id
 
-Ident = tuple[str, str]
-# When an event happened, as the total order the rules are applied in.
-Key = tuple[datetime, str, str]  # (timestamp, message_id, source_id)
+# (kind, value). Variable-length tuple types, for mypyc (scripts/build_native.py): it keeps a
+# fixed-length tuple unboxed and would build a new tuple object each time one is a dict key.
+Ident = tuple[str, ...]
+# When an event happened, as the total order the rules are applied in: (timestamp, message_id,
+# source_id), the timestamp a datetime or, from the consumer's raw-times pool, a (microseconds,).
+Key = tuple[Any, ...]
 
 DEFAULT_LIMIT = 5
 DEFAULT_LIMITS: Mapping[str, int] = {"user_id": 1}

@@ -422,6 +422,7 @@ class Stitcher:
             graph = Graph(space, rules)
             loader = PgLoader(conn, space)
             event: Key | None = None
+            detached: list[Ident]
             if ident is not None:
                 if ident not in members:
                     raise invalid_argument(
@@ -528,7 +529,9 @@ class Stitcher:
             await store.lock_consumer(conn, CONSUMER)
             if await store.profile_space(conn, profile) is None:
                 raise _profile_not_found(profile)  # merged into another profile meanwhile
-            idents = sorted((r["kind"], r["value"]) for r in await store.profile_identifiers(conn, profile))
+            idents: list[Ident] = sorted(
+                (r["kind"], r["value"]) for r in await store.profile_identifiers(conn, profile)
+            )
             late = [x for x in idents if x not in suppressed]
             if late:
                 await self._suppress(space, late, note)

@@ -1,0 +1,68 @@
+"""Compiles the identity graph's hot path with mypyc into build/native (`make native`).
+
+mypyc turns the type-annotated module into a C extension: the same source, with its classes as
+C structs and its calls direct. What it compiles is listed in MODULES; each gets a stamp with the
+SHA-256 of the source it was compiled from, and the package loads the compiled module only while
+that matches (services/identity/__init__.py), so a build left behind by an edit is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "build" / "native"
+# What services.identity.COMPILED names (main() checks).
+MODULES = ["services/identity/domain.py", "services/identity/store.py", "services/identity/stitcher.py"]
+
+
+def stamp_of(source: Path) -> Path:
+    return OUT / source.relative_to(ROOT).with_suffix(".py.sha256")
+
+
+def digest(source: Path) -> str:
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def main() -> int:
+    from services.identity import COMPILED, native_is_current
+
+    if [f"services/identity/{m}.py" for m in COMPILED] != MODULES:
+        raise SystemExit("services.identity.COMPILED and MODULES differ")
+    if native_is_current():
+        print("build/native is up to date")
+        return 0
+    os.chdir(ROOT)  # mypyc reads pyproject.toml's [tool.mypy] and writes its C under build/
+    from mypyc.build import mypycify
+    from setuptools import setup
+
+    sources = [ROOT / m for m in MODULES]
+    digests = {s: digest(s) for s in sources}  # what is compiled, before compiling it
+    for s in sources:
+        stamp_of(s).unlink(missing_ok=True)
+    shutil.rmtree(ROOT / "build" / "temp", ignore_errors=True)
+    setup(
+        name="touchpoint-native",
+        packages=[],
+        py_modules=[],
+        ext_modules=mypycify(MODULES, opt_level="3", separate=True),
+        script_args=[
+            "-q",
+            "build_ext",
+            "--build-lib",
+            str(OUT),
+            "--build-temp",
+            str(ROOT / "build" / "temp"),
+        ],
+    )
+    for s, d in digests.items():
+        stamp_of(s).write_text(d + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
