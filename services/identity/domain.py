@@ -34,7 +34,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -210,21 +210,43 @@ def normalise_kind(kind: Any) -> str | None:
     return k if KIND_RE.match(k) else None
 
 
-@dataclass(slots=True)
 class Observed:
-    """What identity takes from one event."""
+    """What identity takes from one event.
 
-    space_id: str
-    key: Key
-    # Usable identifiers, in priority order (the first one is the event's anchor: its events
-    # are listed under the profile of that identifier).
-    idents: tuple[Ident, ...]
-    # Values that would have been identifiers but are junk or match the blocked pattern.
-    blocked: tuple[Ident, ...] = ()
-    # Traits set by the event (traits, then context.traits for keys traits lacks).
-    traits: dict[str, Any] = field(default_factory=dict)
-    # What the event says about its device or browser (context.device, os, userAgent).
-    device: dict[str, str] = field(default_factory=dict)
+    This and the other value classes of the hot path are plain classes, not dataclasses: mypyc
+    compiles their __init__ and attributes, where a dataclass keeps an interpreted __init__."""
+
+    __slots__ = ("blocked", "device", "idents", "key", "space_id", "traits")
+
+    def __init__(
+        self,
+        space_id: str,
+        key: Key,
+        idents: tuple[Ident, ...],
+        blocked: tuple[Ident, ...] = (),
+        traits: dict[str, Any] | None = None,
+        device: dict[str, str] | None = None,
+    ) -> None:
+        self.space_id = space_id
+        self.key = key
+        # Usable identifiers, in priority order (the first one is the event's anchor: its events
+        # are listed under the profile of that identifier).
+        self.idents = idents
+        # Values that would have been identifiers but are junk or match the blocked pattern.
+        self.blocked = blocked
+        # Traits set by the event (traits, then context.traits for keys traits lacks).
+        self.traits: dict[str, Any] = {} if traits is None else traits
+        # What the event says about its device or browser (context.device, os, userAgent).
+        self.device: dict[str, str] = {} if device is None else device
+
+    def fields(self) -> tuple[Any, ...]:
+        return (self.space_id, self.key, self.idents, self.blocked, self.traits, self.device)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Observed) and self.fields() == other.fields()
+
+    def __repr__(self) -> str:
+        return f"Observed{self.fields()!r}"
 
     @property
     def time(self) -> datetime:
@@ -442,18 +464,41 @@ def device_attrs(device: Any, os_: Any, ua: Any) -> dict[str, str]:
 # Decisions of the merge log
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
     """One entry of the merge log, as the rules made it. Equal decisions are the same entry:
-    a recomputation keeps those it makes again and supersedes the others."""
+    a recomputation keeps those it makes again and supersedes the others. Not to be changed."""
 
-    action: str  # MERGED or REFUSED
-    reason: str
-    limit_kind: str
-    profile: str
-    others: tuple[str, ...]
-    idents: tuple[Ident, ...]
-    key: Key
+    __slots__ = ("action", "idents", "key", "limit_kind", "others", "profile", "reason")
+
+    def __init__(
+        self,
+        action: str,  # MERGED or REFUSED
+        reason: str,
+        limit_kind: str,
+        profile: str,
+        others: tuple[str, ...],
+        idents: tuple[Ident, ...],
+        key: Key,
+    ) -> None:
+        self.action = action
+        self.reason = reason
+        self.limit_kind = limit_kind
+        self.profile = profile
+        self.others = others
+        self.idents = idents
+        self.key = key
+
+    def fields(self) -> tuple[Any, ...]:
+        return (self.action, self.reason, self.limit_kind, self.profile, self.others, self.idents, self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self.fields() == other.fields()
+
+    def __hash__(self) -> int:
+        return hash(self.fields())
+
+    def __repr__(self) -> str:
+        return f"Decision{self.fields()!r}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,18 +635,41 @@ class Partition:
 # The graph slice the consumer works on
 
 
-@dataclass(slots=True)
 class LinkState:
-    idents: tuple[Ident, ...]
-    first: Key
-    cut: bool = False
-    component: int | None = None
+    __slots__ = ("component", "cut", "first", "idents")
+
+    def __init__(
+        self, idents: tuple[Ident, ...], first: Key, cut: bool = False, component: int | None = None
+    ) -> None:
+        self.idents = idents
+        self.first = first
+        self.cut = cut
+        self.component = component
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LinkState) and (self.idents, self.first, self.cut, self.component) == (
+            other.idents,
+            other.first,
+            other.cut,
+            other.component,
+        )
+
+    def __repr__(self) -> str:
+        return f"LinkState{(self.idents, self.first, self.cut, self.component)!r}"
 
 
-@dataclass(slots=True)
 class ComponentState:
-    max_key: Key | None
-    size: int
+    __slots__ = ("max_key", "size")
+
+    def __init__(self, max_key: Key | None, size: int) -> None:
+        self.max_key = max_key
+        self.size = size
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ComponentState) and (self.max_key, self.size) == (other.max_key, other.size)
+
+    def __repr__(self) -> str:
+        return f"ComponentState{(self.max_key, self.size)!r}"
 
 
 _EPOCH_US = 1_577_836_800_000_000  # 2020-01-01

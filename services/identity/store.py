@@ -62,8 +62,22 @@ LOAD_IDENTS_SQL = f"""with hit as (
         select * from identity.components c where c.component_id = i.component_id limit 1) c on true"""
 
 
+# PgLoader.load_links: the links of these set keys ($2: the 16-byte keys concatenated, one bytea
+# to encode where a bytea[] costs two isinstance checks per element), one index probe each.
+LOAD_LINKS_SQL = f"""select {_LINK_COLUMNS}
+    from generate_series(0, length($2::bytea) / 16 - 1) as g
+    cross join lateral (
+        select * from identity.links l
+        where l.space_id = $1 and l.set_key = substring($2::bytea from g * 16 + 1 for 16)
+        limit 1) l"""
+
+
 def pack_idents(idents: Iterable[Ident]) -> str:
     return _SEP.join([f"{k}\x1f{v}" for k, v in idents])
+
+
+def _key_columns(key: Key | None) -> tuple[Any, Any, Any]:
+    return (None, None, None) if key is None else (key[0], key[1], key[2])
 
 
 def _key(t: datetime | None, mid: str | None, src: str | None) -> Key | None:
@@ -117,13 +131,7 @@ class PgLoader:
     async def load_links(self, graph: Graph, keys: Sequence[bytes]) -> None:
         if not keys:
             return
-        rows = await self.conn.fetch(
-            """select set_key, idents, first_time, first_message_id, first_source_id, cut, component_id
-               from unnest($2::bytea[]) as u(sk)
-               join identity.links l on l.space_id = $1 and l.set_key = u.sk""",
-            self.space_id,
-            list(keys),
-        )
+        rows = await self.conn.fetch(LOAD_LINKS_SQL, self.space_id, b"".join(sorted(keys)))
         _load_link_rows(graph, rows)
 
     async def load_components(self, graph: Graph, cids: Sequence[int]) -> None:
@@ -260,35 +268,27 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
     comps = graph.components
     fresh = [c for c in graph.new_components if c in comps]
     changed = [c for c in graph.changed_components if c in comps and c not in graph.new_components]
-    for ids, sql in (
-        (
-            fresh,
-            """insert into identity.components
-                   (component_id, space_id, max_time, max_message_id, max_source_id, size)
-               select u.id, $1, u.t, u.mid, u.src, u.size
-               from unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::int[])
-                    as u(id, t, mid, src, size)""",
-        ),
-        (
-            changed,
+    # By COPY, not unnest()ed arrays: asyncpg checks each array element against three ABCs.
+    if fresh:
+        fresh.sort()  # ids grow with time: the index's right edge
+        conn.copy_records_to_table(
+            "components",
+            schema_name="identity",
+            columns=("component_id", "space_id", "max_time", "max_message_id", "max_source_id", "size"),
+            records=[(c, space, *_key_columns(comps[c].max_key), comps[c].size) for c in fresh],
+        )
+    if changed:
+        conn.copy_records_to_table(
+            "identity_stage_components",
+            records=[(c, *_key_columns(comps[c].max_key), comps[c].size) for c in changed],
+        )
+        conn.execute(
             """update identity.components c
                set max_time = u.t, max_message_id = u.mid, max_source_id = u.src, size = u.size
-               from unnest($2::bigint[], $3::timestamptz[], $4::text[], $5::text[], $6::int[])
-                    as u(id, t, mid, src, size)
+               from identity_stage_components u
                where c.component_id = u.id and c.space_id = $1""",
-        ),
-    ):
-        if ids:
-            keys = [comps[c].max_key for c in ids]
-            conn.execute(
-                sql,
-                space,
-                ids,
-                [k[0] if k else None for k in keys],
-                [k[1] if k else None for k in keys],
-                [k[2] if k else None for k in keys],
-                [comps[c].size for c in ids],
-            )
+            space,
+        )
 
     # Identifiers: what changed, and when each observed one was last seen (with the device
     # details of its latest event that had any).
@@ -483,6 +483,8 @@ _MERGE_LOG_COPY = (
 
 # Per-connection staging tables for bulk upserts: COPY in, then one INSERT ... ON CONFLICT.
 _STAGES = """
+create temp table if not exists identity_stage_components (
+    id bigint, t timestamptz, mid text, src text, size int) on commit delete rows;
 create temp table if not exists identity_stage_identifiers (
     kind text, value text, profile_id text, component_id bigint, ft timestamptz, fm text, fs text,
     lt timestamptz, isolated bool, attrs jsonb) on commit delete rows;
