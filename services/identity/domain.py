@@ -92,12 +92,14 @@ class Rules:
         self.priority = tuple(priority)
         self.blocked_pattern = blocked_pattern
         self._blocked = re.compile(blocked_pattern) if blocked_pattern else None
-        self._rank: dict[str, tuple[int, int, str]] = {}
+        # (group, index, kind) per kind: tuple[Any, ...] keeps mypyc from unboxing each (a new
+        # tuple object each time one is compared).
+        self._rank: dict[str, tuple[Any, ...]] = {}
 
     def limit(self, kind: str) -> int:
         return self.limits.get(kind, self.default_limit)
 
-    def rank(self, kind: str) -> tuple[int, int, str]:
+    def rank(self, kind: str) -> tuple[Any, ...]:
         """Smaller is higher priority: the listed kinds, custom kinds, then LOW_PRIORITY."""
         r = self._rank.get(kind)
         if r is None:
@@ -110,7 +112,7 @@ class Rules:
             self._rank[kind] = r
         return r
 
-    def order(self, ident: Ident) -> tuple[tuple[int, int, str], str]:
+    def order(self, ident: Ident) -> tuple[Any, ...]:
         r = self._rank.get(ident[0])
         return (self.rank(ident[0]) if r is None else r), ident[1]
 
@@ -505,6 +507,17 @@ class Decision:
 # The partition and the greedy rule
 
 
+class Summary:
+    """What every merge decision reads of a profile: its founding member's (birth, rank, value)
+    and its identifiers per kind (not to be changed)."""
+
+    __slots__ = ("counts", "founded")
+
+    def __init__(self, founded: tuple[Any, ...], counts: dict[str, int]) -> None:
+        self.founded = founded
+        self.counts = counts
+
+
 class Partition:
     """Identifiers -> profiles, with the births that name profiles and settle merges."""
 
@@ -518,24 +531,22 @@ class Partition:
         self.members: dict[str, set[Ident]] = {}
         # Identifiers that changed profile (the store writes them).
         self.moved: set[Ident] = set()
-        # Per profile: its founding member's (birth, rank, value) and its identifiers per kind,
-        # what every merge decision reads. Dropped whenever the profile's members or their
-        # births change (`touch`), computed again when next asked for.
-        self._summaries: dict[str, tuple[tuple[Key, tuple[int, int, str], str], dict[str, int]]] = {}
+        # Per profile, its Summary. Dropped whenever the profile's members or their births
+        # change (`touch`), computed again when next asked for.
+        self._summaries: dict[str, Summary] = {}
 
     def touch(self, pid: str) -> None:
         """Forgets what is known of the profile's members (they or their births changed)."""
         self._summaries.pop(pid, None)
 
-    def summary(self, pid: str) -> tuple[tuple[Key, tuple[int, int, str], str], dict[str, int]]:
-        """(founding key, identifiers per kind) of a profile; do not change the dict returned."""
+    def summary(self, pid: str) -> Summary:
         s = self._summaries.get(pid)
         if s is None:
             birth, rank = self.birth, self.rules.rank
             counts: dict[str, int] = {}
             for m in self.members[pid]:
                 counts[m[0]] = counts.get(m[0], 0) + 1
-            s = (min((birth[m], rank(m[0]), m[1]) for m in self.members[pid]), counts)
+            s = Summary(min((birth[m], rank(m[0]), m[1]) for m in self.members[pid]), counts)
             self._summaries[pid] = s
         return s
 
@@ -551,7 +562,7 @@ class Partition:
         self.prof[x] = pid
         self.birth[x] = birth
         self.members[pid] = {x}
-        self._summaries[pid] = ((birth, self.rules.rank(x[0]), x[1]), {x[0]: 1})
+        self._summaries[pid] = Summary((birth, self.rules.rank(x[0]), x[1]), {x[0]: 1})
         return pid
 
     def _move(self, x: Ident, to: str) -> None:
@@ -582,7 +593,7 @@ class Partition:
         while True:
             counts: dict[str, int] = {}
             for p in pids:
-                for k, n in summary(p)[1].items():
+                for k, n in summary(p).counts.items():
                     counts[k] = counts.get(k, 0) + n
             bad = [k for k, n in counts.items() if n > limits.get(k, default)]
             if not bad:
@@ -596,7 +607,7 @@ class Partition:
         decisions: list[Decision] = []
         if len(pids) > 1:
             # A profile is named after its oldest identifier: the one with the oldest wins.
-            founded = {p: summary(p)[0] for p in pids}
+            founded = {p: summary(p).founded for p in pids}
             target = min(pids, key=founded.__getitem__)
             into = members[target]
             moved = self.moved
@@ -608,7 +619,7 @@ class Partition:
                         prof[m] = target
                         into.add(m)
                         moved.add(m)
-            summaries[target] = (founded[target], counts)
+            summaries[target] = Summary(founded[target], counts)
             if founded[target][0] < key:
                 existing = sorted(p for p in pids if p != target and founded[p][0] < key)
                 if existing:
@@ -616,7 +627,7 @@ class Partition:
         else:
             target = next(iter(pids))
         if dropped:
-            counts = dict(summary(target)[1])
+            counts = dict(summary(target).counts)
             for x in dropped:
                 # Born by this very event and still alone: it brings no other profile along,
                 # so it joins unless its own kind is full.
