@@ -8,10 +8,10 @@ that matches (services/identity/__init__.py), so a build left behind by an edit 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,24 +24,26 @@ def stamp_of(source: Path) -> Path:
     return OUT / source.relative_to(ROOT).with_suffix(".py.sha256")
 
 
-def digest(source: Path) -> str:
-    return hashlib.sha256(source.read_bytes()).hexdigest()
-
-
 def main() -> int:
-    from services.identity import COMPILED, native_is_current
+    from services.identity import COMPILED, native_is_current, source_digest
 
     if [f"services/identity/{m}.py" for m in COMPILED] != MODULES:
         raise SystemExit("services.identity.COMPILED and MODULES differ")
     if native_is_current():
         print("build/native is up to date")
         return 0
+    include = Path(sysconfig.get_paths()["include"])
+    if not (include / "Python.h").exists():
+        raise SystemExit(
+            f"no Python.h in {include}: compiling needs Python's headers "
+            "(python.org and pyenv builds have them; on Debian/Ubuntu: apt install python3.11-dev)"
+        )
     os.chdir(ROOT)  # mypyc reads pyproject.toml's [tool.mypy] and writes its C under build/
     from mypyc.build import mypycify
     from setuptools import setup
 
     sources = [ROOT / m for m in MODULES]
-    digests = {s: digest(s) for s in sources}  # what is compiled, before compiling it
+    digests = {s: source_digest(s) for s in sources}  # what is compiled, before compiling it
     for s in sources:
         stamp_of(s).unlink(missing_ok=True)
     shutil.rmtree(ROOT / "build" / "temp", ignore_errors=True)

@@ -1,6 +1,6 @@
 """The identity service: stitches identifiers into profiles (gRPC 50052, metrics 9102).
 
-The graph's hot path (`domain`, `store`) is loaded compiled (mypyc: `make native` builds it into
+The graph's hot path (`domain`, `store`, `stitcher`) is loaded compiled (mypyc: `make native` builds it into
 build/native) when that build was made from the current sources, and from the sources otherwise
 or when TOUCHPOINT_NATIVE=0: the same code either way.
 """
@@ -17,13 +17,18 @@ NATIVE_DIR = _HERE.parents[1] / "build" / "native" / "services" / "identity"
 COMPILED = ("domain", "store", "stitcher")
 
 
+def source_digest(source: Path) -> str:
+    """What a compiled module's stamp holds: the SHA-256 of the source it was compiled from."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
 def native_is_current(native: Path = NATIVE_DIR, sources: Path = _HERE) -> bool:
     """Whether `native` holds every compiled module, each stamped with its current source's
     SHA-256: after an edit, until the next build, every module is loaded from its source."""
     try:
         for name in COMPILED:
             built = (native / f"{name}.py.sha256").read_text().strip()
-            if built != hashlib.sha256((sources / f"{name}.py").read_bytes()).hexdigest():
+            if built != source_digest(sources / f"{name}.py"):
                 return False
             if not any(native.glob(f"{name}.*.so")):
                 return False
