@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import random
 import secrets
 import time
@@ -498,6 +499,15 @@ async def main(args: argparse.Namespace) -> None:
             f"{recomputed:,.0f} components recomputed)"
         )
         print(f"    CPU µs per event: {per_event(used, applied)}; total {cpu_total:.1f}")
+        # Where the ceiling is: each process's share of the wall time, and the rate the machine's
+        # cores would allow at this CPU per event with a perfect schedule (none idle).
+        cores = os.cpu_count() or 1
+        print(
+            "    busy: "
+            + ", ".join(f"{k} {v / elapsed:.0%}" for k, v in used.items())
+            + f" of a core; {cores} cores allow at most {cores * 1e6 / max(cpu_total, 1e-9):,.0f} events/s"
+            " at this CPU per event"
+        )
         print(
             f"    b/a = {b / a:.4f}   (union-find {1e6 / a:.1f} µs/event vs consumer {1e6 / b:.1f} µs/event "
             f"wall, {cpu_total:.1f} µs/event CPU; target: b >= 20,000 events/s)"
