@@ -17,6 +17,7 @@ import asyncio
 import base64
 import random
 import secrets
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -189,6 +190,8 @@ async def own_postgres() -> AsyncIterator[OwnPostgres]:
     url, handle = await asyncio.to_thread(start_embedded, folder, delete_on_exit=True)
     yield OwnPostgres(await create_database(url, "tp_fault"), handle)
     await asyncio.to_thread(handle.cleanup)
+    # The data folder goes with the server; the temporary folder around it is ours to remove.
+    shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 @pytest.mark.timeout(80)
