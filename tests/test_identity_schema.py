@@ -116,7 +116,7 @@ async def test_a_batchs_identifiers_are_probed_by_index_whatever_the_statistics(
         # A batch's probes: some known identifiers, most new.
         known = [("anonymous_id", f"a{n}") for n in range(0, 100000, 7)]
         new = [("anonymous_id", f"new{n}") for n in range(20000)]
-        packed = store._SEP.join(sorted(f"{k}\x1f{v}" for k, v in known + new))
+        packed = store.pack_idents(known + new)
         async with pool.acquire() as conn, conn.transaction():
             for mode in ("force_generic_plan", "force_custom_plan"):
                 await conn.execute(f"set local plan_cache_mode = {mode}")
