@@ -93,6 +93,29 @@ async def test_a_profiles_identifiers_are_found_through_the_hash_index(pool: asy
         assert method == "hash"
 
 
+async def test_a_profiles_merges_are_found_through_its_indexes(pool: asyncpg.Pool) -> None:
+    # ListProfileMerges' query (store.merges): the profile's own entries through the hash index
+    # on profile_id (0008), the ones that merged it away through the GIN index.
+    await migrate(pool, "identity", MIGRATIONS)
+    await pool.execute(
+        """insert into identity.merge_log (space_id, action, profile_id, other_profile_ids, event_time,
+               source_id, message_id)
+           select 's', 'merged', 'p' || n, array['q' || n], now(), 'src', 'm' || n
+           from generate_series(1, 20000) n;
+           analyze identity.merge_log"""
+    )
+    async with pool.acquire() as conn, conn.transaction():
+        sql = store.MERGES_SQL.replace("$1", "'s'").replace("$2", "array['p1', 'p2']")
+        sql = sql.replace("$3", "false").replace("$4", "null").replace("$5", "0").replace("$6", "100")
+        plan = "\n".join(r[0] for r in await conn.fetch("explain " + sql))
+        assert "merge_log_profile" in plan and "merge_log_others" in plan, plan
+        method = await conn.fetchval(
+            """select am.amname from pg_class c join pg_am am on am.oid = c.relam
+               where c.oid = 'identity.merge_log_profile'::regclass"""
+        )
+        assert method == "hash"
+
+
 async def test_a_batchs_identifiers_are_probed_by_index_whatever_the_statistics(
     pg_server_url: str,
 ) -> None:

@@ -783,6 +783,16 @@ _MERGE_COLUMNS = """id, action, reason, limit_kind, profile_id, other_profile_id
     event_time, source_id, message_id, record_time, superseded_time, note"""
 
 
+MERGES_SQL = f"""select {_MERGE_COLUMNS}, coalesce(event_time, record_time) as sort_time
+    from identity.merge_log
+    where space_id = $1
+      and (profile_id = any($2::text[]) or other_profile_ids && $2::text[])
+      and ($3 or superseded_time is null)
+      and ($4::timestamptz is null or (coalesce(event_time, record_time), id) > ($4, $5))
+    order by coalesce(event_time, record_time), id
+    limit $6"""
+
+
 async def merges(
     pool: asyncpg.Pool,
     space_id: str,
@@ -794,14 +804,7 @@ async def merges(
     """Merge log entries naming any of the profiles, by event time (splits by record time)."""
     return list(
         await pool.fetch(
-            f"""select {_MERGE_COLUMNS}, coalesce(event_time, record_time) as sort_time
-                from identity.merge_log
-                where space_id = $1
-                  and (profile_id = any($2::text[]) or other_profile_ids && $2::text[])
-                  and ($3 or superseded_time is null)
-                  and ($4::timestamptz is null or (coalesce(event_time, record_time), id) > ($4, $5))
-                order by coalesce(event_time, record_time), id
-                limit $6""",
+            MERGES_SQL,
             space_id,
             list(profiles),
             include_superseded,
