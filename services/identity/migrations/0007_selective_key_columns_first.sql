@@ -4,9 +4,9 @@
 -- path to find it in the index tuple (nocache_index_getattr; text comparison and finding the
 -- columns were a quarter of the consumer's Postgres CPU). With the value first, almost every
 -- comparison ends at the first column. The lookups are by equality on all the columns, which
--- any order serves. Measured (Postgres CPU per row COPYed into 800k-1M rows): event_refs 8.5-8.8
--- µs -> 5.1-5.3, identifiers 5.8-8.1 -> 5.0-5.5; bench/identity at 200k, the consumer's Postgres
--- CPU per event 46.1-48.8 µs -> 38.4-43.5.
+-- any order serves. Postgres CPU per row COPYed into 800k rows (python -m bench.index_cost):
+-- event_refs 7.7-8.1 µs -> 5.0-5.8, identifiers' key 8.9-9.0 -> 6.7-7.0; the consumer's Postgres
+-- CPU per event at 1M events 63-65 µs -> 51-52 with 0008 (bench/RESULTS.md, stop 14).
 alter table identity.identifiers
     drop constraint identifiers_pkey,
     add constraint identifiers_pkey primary key (value, kind, space_id) include (profile_id);
