@@ -116,6 +116,47 @@ async def test_a_profiles_merges_are_found_through_its_indexes(pool: asyncpg.Poo
         assert method == "hash"
 
 
+async def test_reads_go_through_the_keys_with_the_value_first(pool: asyncpg.Pool) -> None:
+    # Migration 0007 reordered the graph's keys (value, kind, space_id): the store's reads by
+    # identifier still find them, a resolve without visiting the table.
+    await migrate(pool, "identity", MIGRATIONS)
+    await pool.execute(
+        """insert into identity.identifiers (space_id, kind, value, profile_id, component_id,
+               first_time, first_message_id, first_source_id, last_time)
+           select 'k', (array['user_id', 'email', 'anonymous_id'])[n % 3 + 1], 'v' || n, 'p' || (n / 5),
+                  n / 5, now(), 'm' || n, 's', now()
+           from generate_series(0, 29999) n;
+           insert into identity.event_refs (space_id, kind, value, "time", message_id, source_id)
+           select 'k', (array['user_id', 'email', 'anonymous_id'])[n % 3 + 1], 'v' || (n % 30000),
+                  now() - n * interval '1 second', 'm' || n, 's'
+           from generate_series(0, 59999) n;
+           insert into identity.traits (space_id, kind, value, key, value_json, "time", message_id, source_id)
+           select 'k', (array['user_id', 'email', 'anonymous_id'])[n % 3 + 1], 'v' || n, 'plan', '"free"',
+                  now(), 'm', 's'
+           from generate_series(0, 29999) n;
+           insert into identity.links (space_id, set_key, idents, first_time, first_message_id,
+               first_source_id, component_id)
+           select 'k', decode(md5(n::text), 'hex'), 'user_id:v' || n, now(), 'm', 's', n
+           from generate_series(0, 19999) n"""
+    )
+    for table in ("identifiers", "event_refs", "traits", "links"):
+        await pool.execute(f"vacuum (analyze) identity.{table}")
+    async with pool.acquire() as conn, conn.transaction():
+        # The plan a prepared statement settles on, whatever the values.
+        await conn.execute("set local plan_cache_mode = force_generic_plan")
+        for sql, args, wanted in (
+            (store.RESOLVE_SQL, ("k", "user_id", "v3"), "Index Only Scan using identifiers_pkey"),
+            (store.PROFILE_EVENT_REFS_SQL, ("p1", None, None, None, "", "", 100), "event_refs_anchor"),
+            (store.PROFILE_TRAITS_SQL, ("p1",), "traits_pkey"),
+            (store.LOAD_LINKS_SQL, ("k", bytes(16)), "links_pkey"),
+        ):
+            plan = "\n".join(r[0] for r in await conn.fetch("explain " + sql, *args))
+            assert wanted in plan, plan
+            assert "Seq Scan" not in plan, plan
+    key = await pool.fetchval("select pg_get_indexdef('identity.identifiers_pkey'::regclass)")
+    assert "(value, kind, space_id) INCLUDE (profile_id)" in key, key
+
+
 async def test_a_batchs_identifiers_are_probed_by_index_whatever_the_statistics(
     pg_server_url: str,
 ) -> None:

@@ -646,6 +646,11 @@ async def lock_graph(conn: asyncpg.Connection, space_id: str) -> None:
 # Reads for the API
 
 
+# One identifier's profile: an index-only lookup in the identifiers' key (which carries the
+# profile id), once the table's pages are all-visible.
+RESOLVE_SQL = "select profile_id from identity.identifiers where space_id = $1 and kind = $2 and value = $3"
+
+
 async def resolve(
     pool: asyncpg.Pool | asyncpg.Connection, space_id: str, idents: Sequence[Ident]
 ) -> dict[Ident, str]:
@@ -653,7 +658,7 @@ async def resolve(
     connection (the API keeps a few for ResolveProfile)."""
     if len(idents) == 1:
         pid = await pool.fetchval(
-            "select profile_id from identity.identifiers where space_id = $1 and kind = $2 and value = $3",
+            RESOLVE_SQL,
             space_id,
             idents[0][0],
             idents[0][1],
@@ -688,18 +693,27 @@ async def profile_identifiers(conn: asyncpg.Connection | asyncpg.Pool, profile: 
     )
 
 
+PROFILE_TRAITS_SQL = """select distinct on (t.key) t.key, t.value_json, t."time", t.message_id, t.source_id,
+        t.kind, t.value
+    from identity.identifiers i
+    join identity.traits t on t.space_id = i.space_id and t.kind = i.kind and t.value = i.value
+    where i.profile_id = $1
+    order by t.key, t."time" desc, t.message_id desc, t.source_id desc"""
+
+
 async def profile_traits(pool: asyncpg.Pool, profile: str) -> list[asyncpg.Record]:
-    return list(
-        await pool.fetch(
-            """select distinct on (t.key) t.key, t.value_json, t."time", t.message_id, t.source_id,
-                      t.kind, t.value
-               from identity.identifiers i
-               join identity.traits t on t.space_id = i.space_id and t.kind = i.kind and t.value = i.value
-               where i.profile_id = $1
-               order by t.key, t."time" desc, t.message_id desc, t.source_id desc""",
-            profile,
-        )
-    )
+    return list(await pool.fetch(PROFILE_TRAITS_SQL, profile))
+
+
+PROFILE_EVENT_REFS_SQL = """select r."time", r.message_id, r.source_id
+    from identity.identifiers i
+    join identity.event_refs r on r.space_id = i.space_id and r.kind = i.kind and r.value = i.value
+    where i.profile_id = $1
+      and ($2::timestamptz is null or r."time" >= $2)
+      and ($3::timestamptz is null or r."time" < $3)
+      and ($4::timestamptz is null or (r."time", r.message_id, r.source_id) > ($4, $5, $6))
+    order by r."time", r.message_id, r.source_id
+    limit $7"""
 
 
 async def profile_event_refs(
@@ -712,15 +726,7 @@ async def profile_event_refs(
 ) -> list[asyncpg.Record]:
     return list(
         await pool.fetch(
-            """select r."time", r.message_id, r.source_id
-               from identity.identifiers i
-               join identity.event_refs r on r.space_id = i.space_id and r.kind = i.kind and r.value = i.value
-               where i.profile_id = $1
-                 and ($2::timestamptz is null or r."time" >= $2)
-                 and ($3::timestamptz is null or r."time" < $3)
-                 and ($4::timestamptz is null or (r."time", r.message_id, r.source_id) > ($4, $5, $6))
-               order by r."time", r.message_id, r.source_id
-               limit $7""",
+            PROFILE_EVENT_REFS_SQL,
             profile,
             start,
             end,
