@@ -84,7 +84,9 @@ def _ref_rows(lo: int, hi: int) -> list[tuple[Any, ...]]:
     out = []
     for i in range(lo, hi):
         kind, value, _ = ident(i)
-        anchor = int.from_bytes(hashlib.blake2b(f"s1\x1f{kind}\x1f{value}".encode(), digest_size=8).digest(), "big")
+        anchor = int.from_bytes(
+            hashlib.blake2b(f"s1\x1f{kind}\x1f{value}".encode(), digest_size=8).digest(), "big"
+        )
         out.append((anchor - (1 << 63), "s1", kind, value, _T0 + timedelta(seconds=i), f"m{i}", "src"))
     out.sort(key=lambda r: (r[3], r[2]))
     return out
@@ -105,8 +107,19 @@ SCENARIOS: dict[str, Scenario] = {
             first_message_id text not null, first_source_id text not null,
             last_time timestamptz not null, isolated boolean not null default false, attrs jsonb)
             with (fillfactor = 80)""",
-        columns=("space_id", "kind", "value", "profile_id", "component_id", "first_time",
-                 "first_message_id", "first_source_id", "last_time", "isolated", "attrs"),  # fmt: skip
+        columns=(
+            "space_id",
+            "kind",
+            "value",
+            "profile_id",
+            "component_id",
+            "first_time",
+            "first_message_id",
+            "first_source_id",
+            "last_time",
+            "isolated",
+            "attrs",
+        ),
         rows=_identifier_rows,
         variants={
             "heap alone": [],
@@ -135,7 +148,9 @@ SCENARIOS: dict[str, Scenario] = {
         rows=_ref_rows,
         variants={
             "heap alone": [],
-            "btree (space_id, kind, value, time) (0002)": ['create index on t (space_id, kind, value, "time")'],
+            "btree (space_id, kind, value, time) (0002)": [
+                'create index on t (space_id, kind, value, "time")'
+            ],
             "btree (value, kind, space_id, time) (0007): the table": [
                 'create index on t (value, kind, space_id, "time")'
             ],
@@ -151,8 +166,16 @@ SCENARIOS: dict[str, Scenario] = {
             event_time timestamptz, source_id text, message_id text,
             record_time timestamptz not null default now(), superseded_time timestamptz,
             note text not null default '', request_id text)""",
-        columns=("space_id", "action", "profile_id", "other_profile_ids", "identifiers", "event_time",
-                 "message_id", "source_id"),  # fmt: skip
+        columns=(
+            "space_id",
+            "action",
+            "profile_id",
+            "other_profile_ids",
+            "identifiers",
+            "event_time",
+            "message_id",
+            "source_id",
+        ),
         rows=_merge_rows,
         base=200_000,  # 0.2 entries an event
         insert=50_000,
