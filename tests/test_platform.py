@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
+import sys
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,3 +203,32 @@ async def test_sibling_pool_with_raw_times_reads_and_writes_postgres_microsecond
         assert ordered == sorted(ordered) and ordered[0] < ordered[-1]
     finally:
         await raw.close()
+
+
+def test_a_temporary_embedded_server_leaves_no_folder_behind(tmp_path: Path) -> None:
+    # Tests and benches start one in a mkdtemp folder with delete_on_exit: the server removes
+    # its data at exit, and the folder around it must go too (each run used to leave one).
+    parent = tmp_path / "tp-pg-temp"
+    parent.mkdir()
+    code = (
+        "import sys, asyncio, asyncpg; from pathlib import Path;"
+        "from touchpoint.platform.embedded import start_embedded;"
+        "url, _ = start_embedded(Path(sys.argv[1]) / 'data', delete_on_exit=True);"
+        "print(asyncio.run(asyncpg.connect(url)).__class__.__name__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(parent)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Connection" in done.stdout
+    assert not parent.exists()
+    # A folder that holds anything else is left alone.
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "other").write_text("x")
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(keep)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert (keep / "other").read_text() == "x"
+    assert not (keep / "data").exists()

