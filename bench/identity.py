@@ -311,7 +311,9 @@ _BUCKETS = ("0.001", "0.0025", "0.005", "0.01", "+Inf")
 
 
 def server_buckets(metrics_port: int) -> dict[str, float]:
-    """The server's cumulative ResolveProfile duration histogram (touchpoint_identity_rpc_duration_seconds)."""
+    """The server's cumulative ResolveProfile duration histogram (touchpoint_identity_rpc_duration_seconds),
+    and its young generation's collections and the objects they freed (prometheus_client's
+    python_gc_* counters) under "gc:collections" and "gc:objects"."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -324,7 +326,20 @@ def server_buckets(metrics_port: int) -> dict[str, float]:
             for sample in family.samples:
                 if sample.name.endswith("_bucket") and sample.labels.get("method") == "ResolveProfile":
                     buckets[sample.labels["le"]] = sample.value
+        elif family.name in ("python_gc_collections", "python_gc_objects_collected"):
+            for sample in family.samples:
+                if sample.labels.get("generation") == "0":
+                    buckets["gc:collections" if "collections" in family.name else "gc:objects"] = sample.value
     return buckets
+
+
+def collector_line(after: dict[str, float], before: dict[str, float]) -> str:
+    """The API process's young collections between two snapshots: a collection's pause grows with
+    the objects it frees (grpc.aio leaves a small reference cycle behind every call)."""
+    runs = after.get("gc:collections", 0.0) - before.get("gc:collections", 0.0)
+    freed = after.get("gc:objects", 0.0) - before.get("gc:objects", 0.0)
+    each = f", {freed / runs:,.0f} objects freed by each" if runs else ""
+    return f"the API's young collections: {runs:,.0f}{each}"
 
 
 def server_side(after: dict[str, float], before: dict[str, float]) -> str:
@@ -571,7 +586,7 @@ async def main(args: argparse.Namespace) -> None:
         cpu_line = measured.report(len(lat))
         print(resolve_line("(c1) ResolveProfile, alone  ", rate, lat, args))
         after = server_buckets(metrics_port)
-        print("     server side: " + server_side(after, snap))
+        print("     server side: " + server_side(after, snap) + "; " + collector_line(after, snap))
         print(f"     {cpu_line} ({args.workers} API worker(s))")
         capacity = rate
         if args.rate > 0:
@@ -589,7 +604,8 @@ async def main(args: argparse.Namespace) -> None:
                 f"{percentile(late, 50) * 1000:.2f} ms  p99 {percentile(late, 99) * 1000:.2f} ms "
                 "(the event loop's timers)"
             )
-            print("     server side: " + server_side(server_buckets(metrics_port), snap))
+            after = server_buckets(metrics_port)
+            print("     server side: " + server_side(after, snap) + "; " + collector_line(after, snap))
             print(f"     {cpu_line}")
 
         # (c2) the same load while a consumer replica applies `extra` events of new people.
