@@ -247,6 +247,16 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
     """What `write` runs (see WritePlan). Every write of a space's graph moves its version."""
     conn = WritePlan()
     conn.execute(_BUMP_VERSION, graph.space_id)
+    _plan_components(conn, graph)
+    _plan_identifiers(conn, graph, observed)
+    _plan_links(conn, graph)
+    _plan_merge_log(conn, graph)
+    if observed:
+        _write_observations(conn, graph.space_id, observed, graph.new_idents - graph.removed_idents)
+    return conn
+
+
+def _plan_components(conn: WritePlan, graph: Graph) -> None:
     space = graph.space_id
     # Components merged into others: move their rows first, the upserts below then win.
     if graph.alias:
@@ -292,8 +302,11 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
             space,
         )
 
-    # Identifiers: what changed, and when each observed one was last seen (with the device
-    # details of its latest event that had any).
+
+def _plan_identifiers(conn: WritePlan, graph: Graph, observed: Sequence[Observed]) -> None:
+    """What changed, and when each observed identifier was last seen (with the device details
+    of its latest event that had any)."""
+    space = graph.space_id
     last: dict[Ident, datetime] = {}
     attrs_of: dict[Ident, bytes] = {}
     dumps = orjson.dumps
@@ -369,7 +382,9 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
             space,
         )
 
-    # Links.
+
+def _plan_links(conn: WritePlan, graph: Graph) -> None:
+    space = graph.space_id
     if graph.removed_links:
         conn.execute(
             """delete from identity.links l using unnest($2::bytea[]) as u(sk)
@@ -409,7 +424,9 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
                 *(list(col) for col in zip(*link_updates, strict=True)),
             )
 
-    # Merge log.
+
+def _plan_merge_log(conn: WritePlan, graph: Graph) -> None:
+    space = graph.space_id
     if graph.superseded:
         conn.execute(
             """update identity.merge_log m set superseded_time = now()
@@ -427,10 +444,6 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
                 for d in graph.decisions
             ],
         )  # fmt: skip
-
-    if observed:
-        _write_observations(conn, space, observed, new - removed)
-    return conn
 
 
 _SET_KEY = operator.itemgetter(1)
