@@ -117,7 +117,7 @@ class MemoryStore:
             if x in graph.removed_idents:
                 continue
             self.idents[x] = _Row(
-                graph.part.prof[x], graph.root_of(x), graph.part.birth[x], x in graph.isolated
+                graph.profile_of(x), graph.root_of(x), graph.birth_of(x), x in graph.isolated
             )
         for k in graph.removed_links:
             self.links.pop(k, None)

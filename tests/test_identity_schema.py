@@ -191,6 +191,6 @@ async def test_a_batchs_identifiers_are_probed_by_index_whatever_the_statistics(
             graph = Graph("probe", Rules())
             await PgLoader(conn, "probe").load_idents(graph, known + new)
             # Every member of the profiles found, and nothing else.
-            assert len(graph.part.prof) == len({int(v[1:]) // 5 for _, v in known}) * 5
+            assert len(graph.part.nodes) == len({int(v[1:]) // 5 for _, v in known}) * 5
     finally:
         await pool.close()

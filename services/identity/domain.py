@@ -507,138 +507,181 @@ class Decision:
 # The partition and the greedy rule
 
 
-class Summary:
-    """What every merge decision reads of a profile: its founding member's (birth, rank, value)
-    and its identifiers per kind (not to be changed)."""
+class Node:
+    """One identifier of a graph slice: everything the rules and the write plan read of it, in
+    one record. The graph's identifiers were once an entry in a dict per field, keyed by (kind,
+    value) tuples; every read hashed a tuple and missed the cache somewhere else in memory
+    (`python -m bench.layout`: the write plan's loop 4-5x slower that way)."""
 
-    __slots__ = ("counts", "founded")
+    __slots__ = ("attrs", "birth", "changed", "comp", "ident", "kind", "last", "new", "profile", "value")
 
-    def __init__(self, founded: tuple[Any, ...], counts: dict[str, int]) -> None:
-        self.founded = founded
-        self.counts = counts
+    def __init__(self, ident: Ident, birth: Key, profile: Profile, new: bool) -> None:
+        self.ident = ident
+        self.kind: str = ident[0]
+        self.value: str = ident[1]
+        self.birth = birth
+        self.profile = profile
+        # Its component (as loaded or set: an alias of the root until the write), None alone.
+        self.comp: int | None = None
+        # Created by this graph (no row yet), and changed since loaded (its row is written).
+        self.new = new
+        self.changed = new
+        # When the batch last saw it, and the device details of that event (serialised), if any.
+        self.last: Any = None
+        self.attrs: bytes | None = None
+
+
+class Profile:
+    """One profile of a graph slice: its members and what every merge decision reads of them,
+    its founding member's (birth, rank, value) and its identifiers per kind (None: to count
+    again, the members or their births changed)."""
+
+    __slots__ = ("counts", "founded", "members", "pid")
+
+    def __init__(self, pid: str) -> None:
+        self.pid = pid
+        self.members: set[Node] = set()
+        self.founded: tuple[Any, ...] | None = None
+        self.counts: dict[str, int] = {}
+
+
+def _founded(p: Profile) -> tuple[Any, ...]:
+    f = p.founded
+    assert f is not None
+    return f
 
 
 class Partition:
     """Identifiers -> profiles, with the births that name profiles and settle merges."""
 
-    __slots__ = ("_summaries", "birth", "members", "moved", "prof", "rules", "space_id")
+    __slots__ = ("nodes", "profiles", "rules", "space_id")
 
     def __init__(self, space_id: str, rules: Rules) -> None:
         self.space_id = space_id
         self.rules = rules
-        self.prof: dict[Ident, str] = {}
-        self.birth: dict[Ident, Key] = {}
-        self.members: dict[str, set[Ident]] = {}
-        # Identifiers that changed profile (the store writes them).
-        self.moved: set[Ident] = set()
-        # Per profile, its Summary. Dropped whenever the profile's members or their births
-        # change (`touch`), computed again when next asked for.
-        self._summaries: dict[str, Summary] = {}
+        self.nodes: dict[Ident, Node] = {}
+        self.profiles: dict[str, Profile] = {}
 
-    def touch(self, pid: str) -> None:
-        """Forgets what is known of the profile's members (they or their births changed)."""
-        self._summaries.pop(pid, None)
-
-    def summary(self, pid: str) -> Summary:
-        s = self._summaries.get(pid)
-        if s is None:
-            birth, rank = self.birth, self.rules.rank
+    def summarise(self, p: Profile) -> tuple[Any, ...]:
+        """The profile's `founded`, counting its members when they changed."""
+        f = p.founded
+        if f is None:
+            rank = self.rules.rank
             counts: dict[str, int] = {}
-            for m in self.members[pid]:
-                counts[m[0]] = counts.get(m[0], 0) + 1
-            s = Summary(min((birth[m], rank(m[0]), m[1]) for m in self.members[pid]), counts)
-            self._summaries[pid] = s
-        return s
+            for m in p.members:
+                k = m.kind
+                counts[k] = counts.get(k, 0) + 1
+                g = (m.birth, rank(k), m.value)
+                if f is None or g < f:
+                    f = g
+            assert f is not None  # a profile has members
+            p.founded = f
+            p.counts = counts
+        return f
 
-    def add(self, x: Ident, pid: str, birth: Key) -> None:
+    def add(self, x: Ident, pid: str, birth: Key) -> Node:
         """A loaded identifier (no change)."""
-        self.prof[x] = pid
-        self.birth[x] = birth
-        self.members.setdefault(pid, set()).add(x)
-        self._summaries.pop(pid, None)
+        p = self.profiles.get(pid)
+        if p is None:
+            p = Profile(pid)
+            self.profiles[pid] = p
+        else:
+            p.founded = None
+        n = Node(x, birth, p, False)
+        p.members.add(n)
+        self.nodes[x] = n
+        return n
 
-    def singleton(self, x: Ident, birth: Key) -> str:
-        pid = profile_id(self.space_id, x)
-        self.prof[x] = pid
-        self.birth[x] = birth
-        self.members[pid] = {x}
-        self._summaries[pid] = Summary((birth, self.rules.rank(x[0]), x[1]), {x[0]: 1})
-        return pid
+    def singleton(self, x: Ident, birth: Key) -> Node:
+        """A new identifier, as a profile of its own."""
+        p = Profile(profile_id(self.space_id, x))
+        n = Node(x, birth, p, True)
+        p.members.add(n)
+        p.founded = (birth, self.rules.rank(n.kind), n.value)
+        p.counts = {n.kind: 1}
+        self.profiles[p.pid] = p
+        self.nodes[x] = n
+        return n
 
-    def _move(self, x: Ident, to: str) -> None:
-        old = self.prof[x]
-        ms = self.members[old]
-        ms.discard(x)
-        if not ms:
-            del self.members[old]
-        self.prof[x] = to
-        self.members.setdefault(to, set()).add(x)
-        self.moved.add(x)
-        self._summaries.pop(old, None)
-        self._summaries.pop(to, None)
+    def _move(self, n: Node, to: Profile) -> None:
+        old = n.profile
+        old.members.discard(n)
+        old.founded = None
+        if not old.members:
+            del self.profiles[old.pid]
+        n.profile = to
+        to.members.add(n)
+        to.founded = None
+        n.changed = True
 
-    def step(self, link: Sequence[Ident], key: Key) -> list[Decision]:
+    def step(self, link: Sequence[Node], key: Key) -> list[Decision]:
         """Applies one link (identifiers in priority order, all born) by the greedy rule."""
-        prof = self.prof
-        pids = {prof[x] for x in link}
-        if len(pids) == 1:
+        first = link[0].profile
+        for n in link:
+            if n.profile is not first:
+                break
+        else:
             return []  # already one profile: nothing to merge
         rules = self.rules
         limits, default = rules.limits, rules.default_limit
-        members = self.members
-        summary = self.summary
+        summarise = self.summarise
         kept = list(link)
-        dropped: list[Ident] = []
+        pids = {n.profile for n in kept}
+        dropped: list[Node] = []
         limit_kind = ""
         while True:
             counts: dict[str, int] = {}
             for p in pids:
-                for k, n in summary(p).counts.items():
-                    counts[k] = counts.get(k, 0) + n
-            bad = [k for k, n in counts.items() if n > limits.get(k, default)]
+                summarise(p)
+                for k, c in p.counts.items():
+                    counts[k] = counts.get(k, 0) + c
+            bad = [k for k, c in counts.items() if c > limits.get(k, default)]
             if not bad:
                 break
             if not limit_kind:
                 limit_kind = min(bad, key=rules.rank)
             # A single identifier's own profile keeps the limits, so `kept` never empties.
             dropped.append(kept.pop())
-            pids = {prof[x] for x in kept}
+            pids = {n.profile for n in kept}
         dropped.reverse()
         decisions: list[Decision] = []
         if len(pids) > 1:
             # A profile is named after its oldest identifier: the one with the oldest wins.
-            founded = {p: summary(p).founded for p in pids}
-            target = min(pids, key=founded.__getitem__)
-            into = members[target]
-            moved = self.moved
-            summaries = self._summaries
+            target = min(pids, key=_founded)
+            into = target.members
+            profiles = self.profiles
             for p in pids:
-                if p != target:
-                    summaries.pop(p, None)
-                    for m in members.pop(p):
-                        prof[m] = target
+                if p is not target:
+                    del profiles[p.pid]
+                    for m in p.members:
+                        m.profile = target
+                        m.changed = True
                         into.add(m)
-                        moved.add(m)
-            summaries[target] = Summary(founded[target], counts)
-            if founded[target][0] < key:
-                existing = sorted(p for p in pids if p != target and founded[p][0] < key)
+            target.counts = counts  # its `founded` is the oldest of them all: unchanged
+            if _founded(target)[0] < key:
+                existing = sorted(p.pid for p in pids if p is not target and _founded(p)[0] < key)
                 if existing:
-                    decisions.append(Decision(MERGED, "", "", target, tuple(existing), tuple(kept), key))
+                    idents = tuple(n.ident for n in kept)
+                    decisions.append(Decision(MERGED, "", "", target.pid, tuple(existing), idents, key))
         else:
             target = next(iter(pids))
         if dropped:
-            counts = dict(summary(target).counts)
-            for x in dropped:
+            summarise(target)
+            counts = dict(target.counts)
+            for n in dropped:
                 # Born by this very event and still alone: it brings no other profile along,
                 # so it joins unless its own kind is full.
-                alone = self.birth[x] == key and len(members[prof[x]]) == 1
-                if alone and counts.get(x[0], 0) < limits.get(x[0], default):
-                    self._move(x, target)
-                    counts[x[0]] = counts.get(x[0], 0) + 1
-            refused = tuple(x for x in dropped if prof[x] != target)
+                alone = n.birth == key and len(n.profile.members) == 1
+                if alone and counts.get(n.kind, 0) < limits.get(n.kind, default):
+                    self._move(n, target)
+                    counts[n.kind] = counts.get(n.kind, 0) + 1
+            refused = [n for n in dropped if n.profile is not target]
             if refused:
-                others = tuple(sorted({prof[x] for x in refused}))
-                decisions.append(Decision(REFUSED, LIMIT_EXCEEDED, limit_kind, target, others, refused, key))
+                others = tuple(sorted({n.profile.pid for n in refused}))
+                idents = tuple(n.ident for n in refused)
+                decisions.append(
+                    Decision(REFUSED, LIMIT_EXCEEDED, limit_kind, target.pid, others, idents, key)
+                )
         return decisions
 
 
@@ -709,19 +752,19 @@ class Graph:
         self.space_id = space_id
         self.rules = rules
         self.part = Partition(space_id, rules)
-        self.comp: dict[Ident, int | None] = {}
+        # Detached identifiers (rare: a set beside the nodes, so that `effective` costs nothing
+        # while it is empty).
         self.isolated: set[Ident] = set()
         self.links: dict[bytes, LinkState] = {}
         self.components: dict[int, ComponentState] = {}
         self.alias: dict[int, int] = {}
         self.dirty: set[int] = set()
         self.new_component_id = new_component_id
-        # Changes.
-        self.changed_idents: set[Ident] = set()
+        # Changes (an identifier's own are its node's `changed` and `new`).
+        self.created = 0  # identifiers created
         self.changed_links: set[bytes] = set()
-        # Identifiers and links this graph created (no row yet: the store inserts them without
-        # looking for one; every writer holds the consumer's lock, so none can appear meanwhile).
-        self.new_idents: set[Ident] = set()
+        # Links this graph created (no row yet: the store inserts them without looking for
+        # one; every writer holds the consumer's lock, so none can appear meanwhile).
         self.new_links: set[bytes] = set()
         self.changed_components: set[int] = set()
         self.new_components: set[int] = set()
@@ -740,10 +783,9 @@ class Graph:
 
     # -- loading --------------------------------------------------------------------------
     def load_ident(self, x: Ident, pid: str, component: int | None, birth: Key, isolated: bool) -> None:
-        if x in self.part.prof or x in self.removed_idents:
+        if x in self.part.nodes or x in self.removed_idents:
             return
-        self.part.add(x, pid, birth)
-        self.comp[x] = component
+        self.part.add(x, pid, birth).comp = component
         if isolated:
             self.isolated.add(x)
 
@@ -757,7 +799,16 @@ class Graph:
         if sk not in self.links and sk not in self.removed_links:
             self.links[sk] = LinkState(idents, first, cut, component)
 
-    # -- helpers --------------------------------------------------------------------------
+    # -- reading --------------------------------------------------------------------------
+    def has(self, x: Ident) -> bool:
+        return x in self.part.nodes
+
+    def profile_of(self, x: Ident) -> str:
+        return self.part.nodes[x].profile.pid
+
+    def birth_of(self, x: Ident) -> Key:
+        return self.part.nodes[x].birth
+
     def find(self, cid: int) -> int:
         alias = self.alias
         while cid in alias:
@@ -765,7 +816,8 @@ class Graph:
         return cid
 
     def root_of(self, x: Ident) -> int | None:
-        c = self.comp.get(x)
+        n = self.part.nodes.get(x)
+        c = None if n is None else n.comp
         return None if c is None else self.find(c)
 
     def _in(self, link: LinkState, root: int) -> bool:
@@ -787,7 +839,11 @@ class Graph:
         """Every known component id that now belongs to `root` (what the store loads)."""
         return [c for c in [*self.components, *self.alias] if self.find(c) == root]
 
-    def _union(self, roots: set[int], alone: Sequence[Ident]) -> int:
+    def changed_identifiers(self) -> set[Ident]:
+        """Every identifier whose row must be written (new, moved, re-born, relabelled...)."""
+        return {x for x, n in self.part.nodes.items() if n.changed}
+
+    def _union(self, roots: set[int], alone: Sequence[Node]) -> int:
         if len(roots) == 1:
             survivor = next(iter(roots))
         elif roots:
@@ -809,34 +865,45 @@ class Graph:
             if r in self.dirty:
                 self.dirty.discard(r)
                 self.dirty.add(survivor)
-        for x in alone:
-            self.comp[x] = survivor
-            self.changed_idents.add(x)
+        for n in alone:
+            n.comp = survivor
+            n.changed = True
             s.size += 1
         self.changed_components.add(survivor)
         return survivor
 
     # -- applying events ------------------------------------------------------------------
-    def observe(self, idents: Sequence[Ident], key: Key, sk: bytes | None = None) -> None:
+    def observe(
+        self, idents: Sequence[Ident], key: Key, sk: bytes | None = None, device: dict[str, str] | None = None
+    ) -> None:
         """Applies one event's identifiers (in priority order). Late events mark their
-        component dirty; `settle()` recomputes dirty components after a batch."""
+        component dirty; `settle()` recomputes dirty components after a batch. `device`: what
+        the event says of its device, kept with its device identifiers when it is their latest."""
         part = self.part
-        births = part.birth
+        nodes = part.nodes
+        t = key[0]
+        attrs: bytes | None = None  # serialised once per event
+        ns: list[Node] = []
         for x in idents:
-            b = births.get(x)
-            if b is None:
-                part.singleton(x, key)
-                self.comp[x] = None
-                self.changed_idents.add(x)
-                self.new_idents.add(x)
-            elif key < b:
-                births[x] = key
-                part.touch(part.prof[x])
-                self.changed_idents.add(x)
-                root = self.root_of(x)
-                if root is not None:
-                    self.dirty.add(root)
-        if len(idents) < 2:
+            n = nodes.get(x)
+            if n is None:
+                n = part.singleton(x, key)
+                self.created += 1
+            elif key < n.birth:
+                n.birth = key
+                n.profile.founded = None
+                n.changed = True
+                if n.comp is not None:
+                    self.dirty.add(self.find(n.comp))
+            lt = n.last
+            if lt is None or t >= lt:
+                n.last = t
+                if device and n.kind in DEVICE_KINDS:
+                    if attrs is None:
+                        attrs = orjson.dumps(device)
+                    n.attrs = attrs
+            ns.append(n)
+        if len(ns) < 2:
             return
         sk = sk or set_key(idents)
         link = self.links.get(sk)
@@ -853,17 +920,18 @@ class Graph:
         self.links[sk] = link
         self.changed_links.add(sk)
         self.new_links.add(sk)
-        eff = link.idents if not self.isolated and self.rules._blocked is None else self.effective(link)
-        if len(eff) < 2:
-            return
-        comp, alias, components, dirty = self.comp, self.alias, self.components, self.dirty
+        if self.isolated or self.rules._blocked is not None:
+            ns = [nodes[x] for x in self.effective(link)]
+            if len(ns) < 2:
+                return
+        alias, components, dirty = self.alias, self.components, self.dirty
         roots: set[int] = set()
-        alone: list[Ident] = []
+        alone: list[Node] = []
         late = False
-        for x in eff:
-            c = comp[x]
+        for n in ns:
+            c = n.comp
             if c is None:
-                alone.append(x)
+                alone.append(n)
                 continue
             while c in alias:
                 c = alias[c]
@@ -877,7 +945,7 @@ class Graph:
             dirty.add(root)
             return
         components[root].max_key = key
-        decisions = part.step(eff, key)
+        decisions = part.step(ns, key)
         if decisions:
             self.decisions.extend(decisions)
 
@@ -886,7 +954,8 @@ class Graph:
         """The identifiers and links of each of these components, in one pass over the graph."""
         out: dict[int, tuple[list[Ident], list[tuple[bytes, LinkState]]]] = {r: ([], []) for r in roots}
         find = self.find
-        for x, c in self.comp.items():
+        for x, n in self.part.nodes.items():
+            c = n.comp
             if c is not None and (hit := out.get(find(c))) is not None:
                 hit[0].append(x)
         for sk, ln in self.links.items():
@@ -907,9 +976,11 @@ class Graph:
         idents, links = members if members is not None else self.members_of({root})[root]
         links = sorted(links, key=lambda item: item[1].first)
         part = self.part
+        nodes = part.nodes
         local = Partition(self.space_id, self.rules)
         for x in idents:
-            local.singleton(x, part.birth[x])
+            local.singleton(x, nodes[x].birth)
+        lnodes = local.nodes
         decisions: list[Decision] = []
         # Union-find over the links that still link, to see whether the component fell apart.
         parent: dict[Ident, Ident] = {x: x for x in idents}
@@ -926,7 +997,7 @@ class Graph:
             if len(eff) < 2:
                 group_links.append((sk, None))
                 continue
-            decisions.extend(local.step(eff, ln.first))
+            decisions.extend(local.step([lnodes[x] for x in eff], ln.first))
             a = find(eff[0])
             for y in eff[1:]:
                 b = find(y)
@@ -935,21 +1006,28 @@ class Graph:
             group_links.append((sk, eff[0]))
 
         # Adopt the new partition.
+        profiles = part.profiles
+        before: list[str] = []
         for x in idents:
-            old = part.prof[x]
-            part.touch(old)
-            ms = part.members.get(old)
-            if ms is not None:
-                ms.discard(x)
-                if not ms:
-                    del part.members[old]
-        for x in idents:
-            new = local.prof[x]
-            part.touch(new)
-            if part.prof[x] != new:
-                self.changed_idents.add(x)
-            part.prof[x] = new
-            part.members.setdefault(new, set()).add(x)
+            n = nodes[x]
+            p = n.profile
+            before.append(p.pid)
+            p.members.discard(n)
+            p.founded = None
+            if not p.members and profiles.get(p.pid) is p:
+                del profiles[p.pid]
+        for x, old in zip(idents, before, strict=True):
+            n = nodes[x]
+            new = lnodes[x].profile.pid
+            q = profiles.get(new)
+            if q is None:
+                q = Profile(new)
+                profiles[new] = q
+            q.members.add(n)
+            q.founded = None
+            n.profile = q
+            if old != new:
+                n.changed = True
 
         # Components: the largest group keeps the id, lone identifiers have none.
         groups: dict[Ident, list[Ident]] = {}
@@ -972,9 +1050,10 @@ class Graph:
                 self.changed_components.add(cid)
             for x in g:
                 gid[find(x)] = cid
-                if self.comp[x] != cid:
-                    self.comp[x] = cid
-                    self.changed_idents.add(x)
+                n = nodes[x]
+                if n.comp != cid:
+                    n.comp = cid
+                    n.changed = True
         if root not in self.components:
             self.removed_components.add(root)
         for sk, anchor in group_links:
@@ -1005,7 +1084,7 @@ class Graph:
     def detach(self, x: Ident) -> int | None:
         """Makes `x` link nothing from now on; returns its component (to recompute)."""
         self.isolated.add(x)
-        self.changed_idents.add(x)
+        self.part.nodes[x].changed = True
         return self.root_of(x)
 
     def cut(self, sk: bytes) -> int | None:
@@ -1024,16 +1103,13 @@ class Graph:
             root = self.root_of(x)
             if root is not None:
                 self.dirty.add(root)
-            pid = part.prof.pop(x)
-            part.touch(pid)
-            del part.birth[x]
-            ms = part.members[pid]
-            ms.discard(x)
-            if not ms:
-                del part.members[pid]
-            self.comp.pop(x, None)
+            n = part.nodes.pop(x)
+            p = n.profile
+            p.members.discard(n)
+            p.founded = None
+            if not p.members:
+                del part.profiles[p.pid]
             self.isolated.discard(x)
-            self.changed_idents.discard(x)
             self.removed_idents.add(x)
         for sk, ln in list(self.links.items()):
             if not any(x in gone for x in ln.idents):
@@ -1059,10 +1135,6 @@ class Graph:
                 self.replaced_keys.add(other.first)
                 other.first = ln.first
                 self.changed_links.add(nk)
-
-    def changed_identifiers(self) -> set[Ident]:
-        """Every identifier whose row must be written (new, moved, re-born, relabelled...)."""
-        return (self.changed_idents | self.part.moved) - self.removed_idents
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1121,20 +1193,22 @@ class OverlayLoader:
 
     async def load_idents(self, graph: Graph, idents: Sequence[Ident]) -> None:
         prev = self.prev
-        pprof, pmembers = prev.part.prof, prev.part.members
+        pnodes, pprofiles = prev.part.nodes, prev.part.profiles
         fresh = []
         for x in idents:
-            if x in graph.part.prof:
+            if graph.has(x):
                 continue
-            pid = pprof.get(x)
-            if pid is not None:
-                for m in pmembers[pid]:
+            pn = pnodes.get(x)
+            if pn is not None:
+                pid = pn.profile.pid
+                for m in pn.profile.members:
+                    c = m.comp
                     graph.load_ident(
-                        m,
+                        m.ident,
                         pid,
-                        self._component(graph, prev.root_of(m), None),
-                        prev.part.birth[m],
-                        m in prev.isolated,
+                        self._component(graph, None if c is None else prev.find(c), None),
+                        m.birth,
+                        m.ident in prev.isolated,
                     )
             elif x in prev.removed_idents:
                 raise StaleOverlay("an identifier was deleted by the previous batch")
@@ -1144,16 +1218,16 @@ class OverlayLoader:
             return
         scratch = Graph(graph.space_id, graph.rules)
         await self.base.load_idents(scratch, fresh)
-        part = scratch.part
-        for x, pid in part.prof.items():
-            if x in pprof or pid in pmembers:
+        for x, n in scratch.part.nodes.items():
+            pid = n.profile.pid
+            if x in pnodes or pid in pprofiles:
                 raise StaleOverlay("a profile the previous batch changed came back from storage")
-            cid = scratch.comp.get(x)
+            cid = n.comp
             graph.load_ident(
                 x,
                 pid,
                 self._component(graph, cid, None if cid is None else scratch.components.get(cid)),
-                part.birth[x],
+                n.birth,
                 x in scratch.isolated,
             )
 
@@ -1205,7 +1279,8 @@ async def observe_batch(graph: Graph, loader: GraphLoader, observed: Sequence[Ob
     await loader.load_links(graph, sorted({k for k in sks if k}))
     step = graph.observe
     for n, i in enumerate(sorted(range(len(observed)), key=lambda i: observed[i].key), 1):
-        step(observed[i].idents, observed[i].key, sks[i] or None)
+        o = observed[i]
+        step(o.idents, o.key, sks[i] or None, o.device)
         if n % YIELD_EVERY == 0:
             await asyncio.sleep(0)  # a batch in flight on the same event loop moves on meanwhile
 
@@ -1220,7 +1295,7 @@ async def settle(graph: Graph, loader: GraphLoader) -> None:
             for ln in graph.links.values()
             if ln.component is not None and graph.find(ln.component) in roots
         ]
-        missing = {x for ln in mine for x in ln.idents if x not in graph.part.prof}
+        missing = {x for ln in mine for x in ln.idents if not graph.has(x)}
         if missing:
             await loader.load_idents(graph, sorted(missing))
         await loader.load_decisions(graph, sorted({ln.first for ln in mine} | graph.replaced_keys))

@@ -353,7 +353,7 @@ class Stitcher:
             if not observed:
                 continue
             plans.append(store.plan_write(graph, observed))
-            self._grown += len(graph.new_idents)
+            self._grown += graph.created
             sb.graph, sb.wrote, sb.version_after = graph, True, version + 1
             self._count(graph)
 
@@ -468,7 +468,7 @@ class Stitcher:
             self._count(graph)
             sizes: dict[str, int] = defaultdict(int)
             for x in members:
-                sizes[graph.part.prof[x]] += 1
+                sizes[graph.profile_of(x)] += 1
             after = sorted(sizes, key=lambda p: (-sizes[p], p))
             entry = await store.record_split(
                 conn,
@@ -540,7 +540,7 @@ class Stitcher:
             loader = PgLoader(conn, space)
             await loader.load_idents(graph, idents)
             gone = set(idents)
-            comps = sorted({c for x in idents if (c := graph.comp.get(x)) is not None})
+            comps = sorted({c for x in idents if (c := graph.root_of(x)) is not None})
             scan = rules.pattern is not None or any(x in graph.isolated for x in idents)
             sets = await loader.links_containing(graph, idents, comps, scan)
             rest = [tuple(x for x in s if x not in gone) for s in sets]

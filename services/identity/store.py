@@ -12,7 +12,6 @@ import asyncpg
 import orjson
 
 from services.identity.domain import (
-    DEVICE_KINDS,
     Decision,
     Graph,
     Ident,
@@ -248,11 +247,11 @@ def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
     conn = WritePlan()
     conn.execute(_BUMP_VERSION, graph.space_id)
     _plan_components(conn, graph)
-    _plan_identifiers(conn, graph, observed)
+    _plan_identifiers(conn, graph)
     _plan_links(conn, graph)
     _plan_merge_log(conn, graph)
     if observed:
-        _write_observations(conn, graph.space_id, observed, graph.new_idents - graph.removed_idents)
+        _write_observations(conn, graph, observed)
     return conn
 
 
@@ -303,25 +302,10 @@ def _plan_components(conn: WritePlan, graph: Graph) -> None:
         )
 
 
-def _plan_identifiers(conn: WritePlan, graph: Graph, observed: Sequence[Observed]) -> None:
-    """What changed, and when each observed identifier was last seen (with the device details
-    of its latest event that had any)."""
+def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
+    """What changed, and when each identifier the batch saw was last seen (with the device
+    details of its latest event that had any: Graph.observe keeps both on the node)."""
     space = graph.space_id
-    last: dict[Ident, datetime] = {}
-    attrs_of: dict[Ident, bytes] = {}
-    dumps = orjson.dumps
-    for o in observed:
-        t = o.key[0]
-        device = o.device
-        attrs: bytes | None = None  # serialised once per event, passed to the jsonb codec as is
-        for x in o.idents:
-            lt = last.get(x)
-            if lt is None or t >= lt:
-                last[x] = t
-                if device and x[0] in DEVICE_KINDS:
-                    if attrs is None:
-                        attrs = dumps(device)
-                    attrs_of[x] = attrs
     if graph.removed_idents:
         rm = list(graph.removed_idents)
         conn.execute(
@@ -331,32 +315,29 @@ def _plan_identifiers(conn: WritePlan, graph: Graph, observed: Sequence[Observed
             [x[0] for x in rm],
             [x[1] for x in rm],
         )
-    part, isolated, removed = graph.part, graph.isolated, graph.removed_idents
-    prof, birth, new = part.prof, part.birth, graph.new_idents
-    comp, alias, find = graph.comp, graph.alias, graph.find
+    isolated = graph.isolated
+    alias, find = graph.alias, graph.find
     # New identifiers go straight in by COPY; rows that exist are updated in place (a HOT
-    # update when only the last-seen time changes).
+    # update when only the last-seen time changes). One pass over the nodes, in the order the
+    # graph made them (removed ones are gone from it).
     inserts = []
     updates = []
-    todo = graph.changed_identifiers()
-    todo.update(last)
-    for x in todo:
-        if x in removed:
+    for n in graph.part.nodes.values():
+        lt = n.last
+        if not n.changed and lt is None:
             continue
-        b = birth[x]
-        c = comp.get(x)
+        b = n.birth
+        c = n.comp
         if c is not None and c in alias:
             c = find(c)
-        if x in new:
+        iso = bool(isolated) and n.ident in isolated
+        if n.new:
             inserts.append(
-                (space, x[0], x[1], prof[x], c, b[0], b[1], b[2],
-                 last.get(x, b[0]), x in isolated, attrs_of.get(x))
+                (space, n.kind, n.value, n.profile.pid, c, b[0], b[1], b[2],
+                 b[0] if lt is None else lt, iso, n.attrs)
             )  # fmt: skip
         else:
-            updates.append(
-                (x[0], x[1], prof[x], c, b[0], b[1], b[2],
-                 last.get(x), x in isolated, attrs_of.get(x))
-            )  # fmt: skip
+            updates.append((n.kind, n.value, n.profile.pid, c, b[0], b[1], b[2], lt, iso, n.attrs))
     if inserts:
         # In key order (value, kind): consecutive inserts land on the same index pages (a third
         # cheaper in Postgres than one at a random place each).
@@ -520,9 +501,11 @@ async def _ensure_stages(conn: asyncpg.Connection) -> None:
         _STAGED.add(raw)
 
 
-def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed], new: set[Ident]) -> None:
-    """Event references, and the latest value of each trait per anchor. `new`: identifiers
-    this batch created, which have no traits yet (theirs go straight in by COPY)."""
+def _write_observations(conn: WritePlan, graph: Graph, observed: Sequence[Observed]) -> None:
+    """Event references, and the latest value of each trait per anchor. The graph's new
+    identifiers have no traits yet: theirs go straight in by COPY."""
+    space = graph.space_id
+    nodes = graph.part.nodes
     # By anchor, as the index is (value, kind; its time within it matters little: an anchor's
     # rows of a batch are adjacent either way).
     refs = [(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed]
@@ -548,7 +531,8 @@ def _write_observations(conn: WritePlan, space: str, observed: Sequence[Observed
     fresh = []
     known = []
     for (anchor, name), (when, v) in latest.items():
-        if anchor in new:
+        n = nodes.get(anchor)
+        if n is not None and n.new:
             fresh.append((space, anchor[0], anchor[1], name, v, when[0], when[1], when[2]))
         else:
             known.append((anchor[0], anchor[1], name, v, when[0], when[1], when[2]))
