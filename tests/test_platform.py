@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from touchpoint.ingest.v1 import ingest_service_pb2 as pb
 from touchpoint.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from touchpoint.platform.db import migrate, sibling_pool
+from touchpoint.platform.db import jsonb, migrate, sibling_pool
 from touchpoint.platform.errors import Violation, details_of, invalid_argument
 from touchpoint.platform.server import start_server
 from touchpoint.platform.settings import SettingsError, env_int
@@ -203,6 +203,32 @@ async def test_sibling_pool_with_raw_times_reads_and_writes_postgres_microsecond
         assert ordered == sorted(ordered) and ordered[0] < ordered[-1]
     finally:
         await raw.close()
+
+
+async def test_the_jsonb_codec_takes_objects_json_bytes_and_jsonb_bytes(pool: asyncpg.Pool) -> None:
+    table = "doc_" + secrets.token_hex(3)
+    await pool.execute(f"create table public.{table} (i int, doc jsonb)")
+    ua = "Mozilla/5.0 \u00e9 \"quoted\""
+    records = [
+        (1, {"user_agent": ua, "n": [1, 2]}),  # an object: serialised by the codec
+        (2, b'{"user_agent": "x"}'),  # JSON text as bytes: passed through
+        (3, jsonb({"user_agent": ua})),  # already in the binary format: passed through as is
+        (4, jsonb("just a string")),
+    ]
+    async with pool.acquire() as conn:
+        await conn.copy_records_to_table(table, schema_name="public", records=records)
+    await pool.execute(f"insert into public.{table} values (5, $1)", jsonb({"k": None}))
+    got = {r["i"]: r["doc"] for r in await pool.fetch(f"select i, doc from public.{table}")}
+    assert got == {
+        1: {"user_agent": ua, "n": [1, 2]},
+        2: {"user_agent": "x"},
+        3: {"user_agent": ua},
+        4: "just a string",
+        5: {"k": None},
+    }
+    assert jsonb([1]) == b"\x01[1]"
+    with pytest.raises(asyncpg.InvalidTextRepresentationError):  # bytes that are not JSON
+        await pool.execute(f"insert into public.{table} values (6, $1)", b"not json")
 
 
 def test_a_temporary_embedded_server_leaves_no_folder_behind(tmp_path: Path) -> None:

@@ -526,23 +526,36 @@ class Node:
         # Created by this graph (no row yet), and changed since loaded (its row is written).
         self.new = new
         self.changed = new
-        # When the batch last saw it, and the device details of that event (serialised), if any.
+        # When the batch last saw it, and the device details of that event, if any.
         self.last: Any = None
-        self.attrs: bytes | None = None
+        self.attrs: dict[str, str] | None = None
 
 
 class Profile:
     """One profile of a graph slice: its members and what every merge decision reads of them,
     its founding member's (birth, rank, value) and its identifiers per kind (None: to count
-    again, the members or their births changed)."""
+    again, the members or their births changed). A new identifier's own profile is named only
+    when its name is read (most are merged into another one by the very event that made them:
+    a name, a blake2b digest, would be made for nothing)."""
 
-    __slots__ = ("counts", "founded", "members", "pid")
+    __slots__ = ("_founder", "_pid", "_space", "counts", "founded", "members")
 
-    def __init__(self, pid: str) -> None:
-        self.pid = pid
+    def __init__(self, pid: str | None, space_id: str = "", founder: Ident | None = None) -> None:
+        self._pid = pid
+        self._space = space_id
+        self._founder = founder
         self.members: set[Node] = set()
         self.founded: tuple[Any, ...] | None = None
         self.counts: dict[str, int] = {}
+
+    @property
+    def pid(self) -> str:
+        pid = self._pid
+        if pid is None:
+            assert self._founder is not None
+            pid = profile_id(self._space, self._founder)
+            self._pid = pid
+        return pid
 
 
 def _founded(p: Profile) -> tuple[Any, ...]:
@@ -560,7 +573,15 @@ class Partition:
         self.space_id = space_id
         self.rules = rules
         self.nodes: dict[Ident, Node] = {}
+        # Profiles by name, those loaded or made by a recomputation: what a loaded identifier
+        # joins. A new identifier's own profile is not in it (no stored row can name it).
         self.profiles: dict[str, Profile] = {}
+
+    def _drop(self, p: Profile) -> None:
+        """Forgets an emptied or absorbed profile."""
+        pid = p._pid
+        if pid is not None and self.profiles.get(pid) is p:
+            del self.profiles[pid]
 
     def summarise(self, p: Profile) -> tuple[Any, ...]:
         """The profile's `founded`, counting its members when they changed."""
@@ -594,12 +615,11 @@ class Partition:
 
     def singleton(self, x: Ident, birth: Key) -> Node:
         """A new identifier, as a profile of its own."""
-        p = Profile(profile_id(self.space_id, x))
+        p = Profile(None, self.space_id, x)
         n = Node(x, birth, p, True)
         p.members.add(n)
         p.founded = (birth, self.rules.rank(n.kind), n.value)
         p.counts = {n.kind: 1}
-        self.profiles[p.pid] = p
         self.nodes[x] = n
         return n
 
@@ -608,7 +628,7 @@ class Partition:
         old.members.discard(n)
         old.founded = None
         if not old.members:
-            del self.profiles[old.pid]
+            self._drop(old)
         n.profile = to
         to.members.add(n)
         to.founded = None
@@ -649,10 +669,9 @@ class Partition:
             # A profile is named after its oldest identifier: the one with the oldest wins.
             target = min(pids, key=_founded)
             into = target.members
-            profiles = self.profiles
             for p in pids:
                 if p is not target:
-                    del profiles[p.pid]
+                    self._drop(p)
                     for m in p.members:
                         m.profile = target
                         m.changed = True
@@ -882,7 +901,6 @@ class Graph:
         part = self.part
         nodes = part.nodes
         t = key[0]
-        attrs: bytes | None = None  # serialised once per event
         ns: list[Node] = []
         for x in idents:
             n = nodes.get(x)
@@ -899,9 +917,7 @@ class Graph:
             if lt is None or t >= lt:
                 n.last = t
                 if device and n.kind in DEVICE_KINDS:
-                    if attrs is None:
-                        attrs = orjson.dumps(device)
-                    n.attrs = attrs
+                    n.attrs = device
             ns.append(n)
         if len(ns) < 2:
             return
@@ -1014,8 +1030,8 @@ class Graph:
             before.append(p.pid)
             p.members.discard(n)
             p.founded = None
-            if not p.members and profiles.get(p.pid) is p:
-                del profiles[p.pid]
+            if not p.members:
+                part._drop(p)
         for x, old in zip(idents, before, strict=True):
             n = nodes[x]
             new = lnodes[x].profile.pid
@@ -1108,7 +1124,7 @@ class Graph:
             p.members.discard(n)
             p.founded = None
             if not p.members:
-                del part.profiles[p.pid]
+                part._drop(p)
             self.isolated.discard(x)
             self.removed_idents.add(x)
         for sk, ln in list(self.links.items()):

@@ -20,6 +20,7 @@ from services.identity.domain import (
     decode_ident,
     encode_ident,
 )
+from touchpoint.platform.db import jsonb
 from touchpoint.platform.eventlog import lock_positions
 
 _SEP = "\x1e"  # identifier values never hold control characters (domain.normalise)
@@ -322,10 +323,17 @@ def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
     # graph made them (removed ones are gone from it).
     inserts = []
     updates = []
+    encoded: dict[int, bytes] = {}  # device details, serialised once per event (by its dict)
     for n in graph.part.nodes.values():
         lt = n.last
         if not n.changed and lt is None:
             continue
+        a = n.attrs
+        attrs: bytes | None = None
+        if a is not None:
+            attrs = encoded.get(id(a))
+            if attrs is None:
+                attrs = encoded[id(a)] = jsonb(a)
         b = n.birth
         c = n.comp
         if c is not None and c in alias:
@@ -334,10 +342,10 @@ def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
         if n.new:
             inserts.append(
                 (space, n.kind, n.value, n.profile.pid, c, b[0], b[1], b[2],
-                 b[0] if lt is None else lt, iso, n.attrs)
+                 b[0] if lt is None else lt, iso, attrs)
             )  # fmt: skip
         else:
-            updates.append((n.kind, n.value, n.profile.pid, c, b[0], b[1], b[2], lt, iso, n.attrs))
+            updates.append((n.kind, n.value, n.profile.pid, c, b[0], b[1], b[2], lt, iso, attrs))
     if inserts:
         # In key order (value, kind): consecutive inserts land on the same index pages (a third
         # cheaper in Postgres than one at a random place each).

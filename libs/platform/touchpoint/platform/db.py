@@ -24,13 +24,26 @@ _MIGRATION_RE = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _MIGRATION_LOCK = 0x7470_6D69  # "tpmi"
 
 
+_JSONB_V1 = b"\x01"  # jsonb's binary format: a version byte, then the JSON text
+
+
+def jsonb(value: Any) -> bytes:
+    """`value` in jsonb's binary format, which the codec passes through untouched: for a value
+    a batch keeps until its COPY. orjson returns each document in a block of glibc's heap (it
+    writes into a 1 KiB buffer, then shrinks it); 20,000 of those kept at once cost 4.3-4.7 µs
+    each on this machine (the heap grows and is trimmed again batch after batch), against
+    0.8 µs for this copy, a small object of Python's own allocator."""
+    return _JSONB_V1 + orjson.dumps(value)
+
+
 def _jsonb_encode(value: Any) -> bytes:
     # Values already serialised (bytes of a JSON document) go through untouched: the hot paths
-    # carry JSON bytes end to end and never build Python objects for them.
+    # carry JSON bytes end to end and never build Python objects for them. Bytes that start with
+    # the version byte are in the binary format already (`jsonb`): no JSON text starts with it.
     if type(value) is bytes:
-        return b"\x01" + value
+        return value if value[:1] == _JSONB_V1 else _JSONB_V1 + value
     data = value if isinstance(value, bytearray | memoryview) else orjson.dumps(value)
-    return b"\x01" + bytes(data)
+    return _JSONB_V1 + bytes(data)
 
 
 def _jsonb_decode(data: bytes) -> Any:
