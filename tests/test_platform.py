@@ -208,7 +208,7 @@ async def test_sibling_pool_with_raw_times_reads_and_writes_postgres_microsecond
 async def test_the_jsonb_codec_takes_objects_json_bytes_and_jsonb_bytes(pool: asyncpg.Pool) -> None:
     table = "doc_" + secrets.token_hex(3)
     await pool.execute(f"create table public.{table} (i int, doc jsonb)")
-    ua = "Mozilla/5.0 \u00e9 \"quoted\""
+    ua = 'Mozilla/5.0 \u00e9 "quoted"'
     records = [
         (1, {"user_agent": ua, "n": [1, 2]}),  # an object: serialised by the codec
         (2, b'{"user_agent": "x"}'),  # JSON text as bytes: passed through
