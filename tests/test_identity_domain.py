@@ -4,6 +4,7 @@ order-independence property against an independent reference implementation."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
 from collections.abc import Sequence
@@ -477,6 +478,37 @@ def test_detached_identifier_and_cut_link_are_recomputed() -> None:
     assert p[("anonymous_id", "x")] == profile_id(SPACE, ("anonymous_id", "x")) != p[("user_id", "A")]
     store.apply(rules, [observed(key(10, "m10"), [("user_id", "A"), ("anonymous_id", "x")], rules)])
     assert store.partition()[("anonymous_id", "x")] != store.partition()[("user_id", "A")]
+
+
+def test_a_graph_is_freed_by_reference_counting_alone() -> None:
+    """The consumer keeps the cyclic collector off while it builds and writes batches
+    (stitcher._no_cyclic_gc) and counts on reference counting to free each batch's graph: a
+    cycle among its nodes and profiles would keep every batch in memory until a full
+    collection walked them all (half the consumer's CPU at a million events)."""
+    rules = Rules()
+    events = [
+        (key(1, "m1"), [("user_id", "A"), ("anonymous_id", "x")]),
+        (key(2, "m2"), [("email", "e@x.io"), ("anonymous_id", "y")]),
+        (key(3, "m3"), [("anonymous_id", "x"), ("anonymous_id", "y")]),  # merges two profiles
+        (key(4, "m4"), [("user_id", "B"), ("anonymous_id", "y")]),  # refused: one user_id
+    ]
+    late = (key(0, "m0"), [("user_id", "B"), ("device_id", "d"), ("anonymous_id", "x")])
+    gc.collect()
+    gc.disable()
+    try:
+        graph = Graph(SPACE, rules)
+        for k, ids in events:
+            graph.observe(ids, k, device={"model": "p"})
+        graph.observe(late[1], late[0])  # earlier than its component: recomputed
+        assert graph.dirty
+        for root in sorted(graph.dirty):
+            graph.recompute(root)
+        assert {d.action for d in graph.decisions} == {MERGED, REFUSED}
+        assert graph.changed_identifiers()
+        del graph
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -511,16 +511,21 @@ class Node:
     """One identifier of a graph slice: everything the rules and the write plan read of it, in
     one record. The graph's identifiers were once an entry in a dict per field, keyed by (kind,
     value) tuples; every read hashed a tuple and missed the cache somewhere else in memory
-    (`python -m bench.layout`: the write plan's loop 4-5x slower that way)."""
+    (`python -m bench.layout`: the write plan's loop 4-5x slower that way).
 
-    __slots__ = ("attrs", "birth", "changed", "comp", "ident", "kind", "last", "new", "profile", "value")
+    Its profile is an index into its Partition's list, not a reference: a profile holds its
+    members, and a reference back would make each pair a cycle that only the cyclic collector
+    frees. The consumer keeps that collector off during batches (stitcher._no_cyclic_gc) and
+    lets reference counting free each batch's objects."""
 
-    def __init__(self, ident: Ident, birth: Key, profile: Profile, new: bool) -> None:
+    __slots__ = ("attrs", "birth", "changed", "comp", "ident", "kind", "last", "new", "p", "value")
+
+    def __init__(self, ident: Ident, birth: Key, p: int, new: bool) -> None:
         self.ident = ident
         self.kind: str = ident[0]
         self.value: str = ident[1]
         self.birth = birth
-        self.profile = profile
+        self.p = p  # its profile: Partition.plist[p]
         # Its component (as loaded or set: an alias of the root until the write), None alone.
         self.comp: int | None = None
         # Created by this graph (no row yet), and changed since loaded (its row is written).
@@ -538,9 +543,10 @@ class Profile:
     when its name is read (most are merged into another one by the very event that made them:
     a name, a blake2b digest, would be made for nothing)."""
 
-    __slots__ = ("_founder", "_pid", "_space", "counts", "founded", "members")
+    __slots__ = ("_founder", "_pid", "_space", "counts", "founded", "index", "members")
 
-    def __init__(self, pid: str | None, space_id: str = "", founder: Ident | None = None) -> None:
+    def __init__(self, index: int, pid: str | None, space_id: str = "", founder: Ident | None = None) -> None:
+        self.index = index  # in its Partition's plist
         self._pid = pid
         self._space = space_id
         self._founder = founder
@@ -567,15 +573,32 @@ def _founded(p: Profile) -> tuple[Any, ...]:
 class Partition:
     """Identifiers -> profiles, with the births that name profiles and settle merges."""
 
-    __slots__ = ("nodes", "profiles", "rules", "space_id")
+    __slots__ = ("nodes", "plist", "profiles", "rules", "space_id")
 
     def __init__(self, space_id: str, rules: Rules) -> None:
         self.space_id = space_id
         self.rules = rules
         self.nodes: dict[Ident, Node] = {}
+        # Every profile made in this slice, by index (Node.p); merged-away ones stay, empty.
+        self.plist: list[Profile] = []
         # Profiles by name, those loaded or made by a recomputation: what a loaded identifier
         # joins. A new identifier's own profile is not in it (no stored row can name it).
         self.profiles: dict[str, Profile] = {}
+
+    def profile(self, n: Node) -> Profile:
+        return self.plist[n.p]
+
+    def _new_profile(self, pid: str | None, founder: Ident | None = None) -> Profile:
+        p = Profile(len(self.plist), pid, self.space_id, founder)
+        self.plist.append(p)
+        if pid is not None:
+            self.profiles[pid] = p
+        return p
+
+    def named(self, pid: str) -> Profile:
+        """The profile of that name, made (empty) when the slice has none."""
+        p = self.profiles.get(pid)
+        return self._new_profile(pid) if p is None else p
 
     def _drop(self, p: Profile) -> None:
         """Forgets an emptied or absorbed profile."""
@@ -602,21 +625,17 @@ class Partition:
 
     def add(self, x: Ident, pid: str, birth: Key) -> Node:
         """A loaded identifier (no change)."""
-        p = self.profiles.get(pid)
-        if p is None:
-            p = Profile(pid)
-            self.profiles[pid] = p
-        else:
-            p.founded = None
-        n = Node(x, birth, p, False)
+        p = self.named(pid)
+        p.founded = None
+        n = Node(x, birth, p.index, False)
         p.members.add(n)
         self.nodes[x] = n
         return n
 
     def singleton(self, x: Ident, birth: Key) -> Node:
         """A new identifier, as a profile of its own."""
-        p = Profile(None, self.space_id, x)
-        n = Node(x, birth, p, True)
+        p = self._new_profile(None, x)
+        n = Node(x, birth, p.index, True)
         p.members.add(n)
         p.founded = (birth, self.rules.rank(n.kind), n.value)
         p.counts = {n.kind: 1}
@@ -624,34 +643,36 @@ class Partition:
         return n
 
     def _move(self, n: Node, to: Profile) -> None:
-        old = n.profile
+        old = self.plist[n.p]
         old.members.discard(n)
         old.founded = None
         if not old.members:
             self._drop(old)
-        n.profile = to
+        n.p = to.index
         to.members.add(n)
         to.founded = None
         n.changed = True
 
     def step(self, link: Sequence[Node], key: Key) -> list[Decision]:
         """Applies one link (identifiers in priority order, all born) by the greedy rule."""
-        first = link[0].profile
+        first = link[0].p
         for n in link:
-            if n.profile is not first:
+            if n.p != first:
                 break
         else:
             return []  # already one profile: nothing to merge
         rules = self.rules
         limits, default = rules.limits, rules.default_limit
         summarise = self.summarise
+        plist = self.plist
         kept = list(link)
-        pids = {n.profile for n in kept}
+        pids = {n.p for n in kept}
         dropped: list[Node] = []
         limit_kind = ""
         while True:
             counts: dict[str, int] = {}
-            for p in pids:
+            for i in pids:
+                p = plist[i]
                 summarise(p)
                 for k, c in p.counts.items():
                     counts[k] = counts.get(k, 0) + c
@@ -662,41 +683,51 @@ class Partition:
                 limit_kind = min(bad, key=rules.rank)
             # A single identifier's own profile keeps the limits, so `kept` never empties.
             dropped.append(kept.pop())
-            pids = {n.profile for n in kept}
+            pids = {n.p for n in kept}
         dropped.reverse()
         decisions: list[Decision] = []
         if len(pids) > 1:
             # A profile is named after its oldest identifier: the one with the oldest wins.
-            target = min(pids, key=_founded)
+            target = plist[first]
+            oldest: tuple[Any, ...] | None = None
+            for i in pids:
+                p = plist[i]
+                f = _founded(p)
+                if oldest is None or f < oldest:
+                    target, oldest = p, f
             into = target.members
-            for p in pids:
-                if p is not target:
+            ti = target.index
+            for i in pids:
+                if i != ti:
+                    p = plist[i]
                     self._drop(p)
                     for m in p.members:
-                        m.profile = target
+                        m.p = ti
                         m.changed = True
                         into.add(m)
+                    p.members = set()
             target.counts = counts  # its `founded` is the oldest of them all: unchanged
             if _founded(target)[0] < key:
-                existing = sorted(p.pid for p in pids if p is not target and _founded(p)[0] < key)
+                existing = sorted(plist[i].pid for i in pids if i != ti and _founded(plist[i])[0] < key)
                 if existing:
                     idents = tuple(n.ident for n in kept)
                     decisions.append(Decision(MERGED, "", "", target.pid, tuple(existing), idents, key))
         else:
-            target = next(iter(pids))
+            target = plist[next(iter(pids))]
         if dropped:
             summarise(target)
             counts = dict(target.counts)
+            ti = target.index
             for n in dropped:
                 # Born by this very event and still alone: it brings no other profile along,
                 # so it joins unless its own kind is full.
-                alone = n.birth == key and len(n.profile.members) == 1
+                alone = n.birth == key and len(plist[n.p].members) == 1
                 if alone and counts.get(n.kind, 0) < limits.get(n.kind, default):
                     self._move(n, target)
                     counts[n.kind] = counts.get(n.kind, 0) + 1
-            refused = [n for n in dropped if n.profile is not target]
+            refused = [n for n in dropped if n.p != ti]
             if refused:
-                others = tuple(sorted({n.profile.pid for n in refused}))
+                others = tuple(sorted({plist[n.p].pid for n in refused}))
                 idents = tuple(n.ident for n in refused)
                 decisions.append(
                     Decision(REFUSED, LIMIT_EXCEEDED, limit_kind, target.pid, others, idents, key)
@@ -823,7 +854,8 @@ class Graph:
         return x in self.part.nodes
 
     def profile_of(self, x: Ident) -> str:
-        return self.part.nodes[x].profile.pid
+        part = self.part
+        return part.plist[part.nodes[x].p].pid
 
     def birth_of(self, x: Ident) -> Key:
         return self.part.nodes[x].birth
@@ -909,7 +941,7 @@ class Graph:
                 self.created += 1
             elif key < n.birth:
                 n.birth = key
-                n.profile.founded = None
+                part.plist[n.p].founded = None
                 n.changed = True
                 if n.comp is not None:
                     self.dirty.add(self.find(n.comp))
@@ -1022,11 +1054,10 @@ class Graph:
             group_links.append((sk, eff[0]))
 
         # Adopt the new partition.
-        profiles = part.profiles
         before: list[str] = []
         for x in idents:
             n = nodes[x]
-            p = n.profile
+            p = part.plist[n.p]
             before.append(p.pid)
             p.members.discard(n)
             p.founded = None
@@ -1034,14 +1065,11 @@ class Graph:
                 part._drop(p)
         for x, old in zip(idents, before, strict=True):
             n = nodes[x]
-            new = lnodes[x].profile.pid
-            q = profiles.get(new)
-            if q is None:
-                q = Profile(new)
-                profiles[new] = q
+            new = local.plist[lnodes[x].p].pid
+            q = part.named(new)
             q.members.add(n)
             q.founded = None
-            n.profile = q
+            n.p = q.index
             if old != new:
                 n.changed = True
 
@@ -1120,7 +1148,7 @@ class Graph:
             if root is not None:
                 self.dirty.add(root)
             n = part.nodes.pop(x)
-            p = n.profile
+            p = part.plist[n.p]
             p.members.discard(n)
             p.founded = None
             if not p.members:
@@ -1216,8 +1244,9 @@ class OverlayLoader:
                 continue
             pn = pnodes.get(x)
             if pn is not None:
-                pid = pn.profile.pid
-                for m in pn.profile.members:
+                pp = prev.part.plist[pn.p]
+                pid = pp.pid
+                for m in pp.members:
                     c = m.comp
                     graph.load_ident(
                         m.ident,
@@ -1235,7 +1264,7 @@ class OverlayLoader:
         scratch = Graph(graph.space_id, graph.rules)
         await self.base.load_idents(scratch, fresh)
         for x, n in scratch.part.nodes.items():
-            pid = n.profile.pid
+            pid = scratch.part.plist[n.p].pid
             if x in pnodes or pid in pprofiles:
                 raise StaleOverlay("a profile the previous batch changed came back from storage")
             cid = n.comp

@@ -323,6 +323,7 @@ def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
     # graph made them (removed ones are gone from it).
     inserts = []
     updates = []
+    plist = graph.part.plist
     encoded: dict[int, bytes] = {}  # device details, serialised once per event (by its dict)
     for n in graph.part.nodes.values():
         lt = n.last
@@ -341,11 +342,11 @@ def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
         iso = bool(isolated) and n.ident in isolated
         if n.new:
             inserts.append(
-                (space, n.kind, n.value, n.profile.pid, c, b[0], b[1], b[2],
+                (space, n.kind, n.value, plist[n.p].pid, c, b[0], b[1], b[2],
                  b[0] if lt is None else lt, iso, attrs)
             )  # fmt: skip
         else:
-            updates.append((n.kind, n.value, n.profile.pid, c, b[0], b[1], b[2], lt, iso, attrs))
+            updates.append((n.kind, n.value, plist[n.p].pid, c, b[0], b[1], b[2], lt, iso, attrs))
     if inserts:
         # In key order (value, kind): consecutive inserts land on the same index pages (a third
         # cheaper in Postgres than one at a random place each).
