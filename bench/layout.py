@@ -2,16 +2,17 @@
 
     python -m bench.layout [--idents N] [--rounds R]
 
-The consumer's Python (bench/identity (b)) spends its time reading entries of big dicts keyed by
-(kind, value) tuples, in an order unrelated to where they sit in memory. Two measures, each a
-ratio against a baseline timed in the same round (this machine's speed moves by a third within
-minutes):
+The consumer's Python (bench/identity (b)) spent its time reading entries of big dicts keyed by
+(kind, value) tuples, in an order unrelated to where they sit in memory; this measured what that
+layout cost, and the identity graph now keeps one record per identifier (domain.Node). Two
+measures, each a ratio against a baseline timed in the same round (this machine's speed moves by
+a third within minutes):
 
 (1) lookup order: N lookups in a dict of N identifiers, in random order against the order the
     identifiers were made and entered in. Their ratio is what the cache misses of scattered
     entries cost here.
 (2) layout: the loop that plans the identifiers' rows (services.identity.store._plan_identifiers)
-    written two ways over the same N identifiers: the way it is, each field of an identifier an
+    written two ways over the same N identifiers: the way it was, each field of an identifier an
     entry of its own dict (profile, birth, component, last seen, attributes, new, isolated) and
     the identifiers visited in a set's order; and with one record per identifier holding those
     fields, visited in a list. The ratio is what a record per identifier would save this loop.
