@@ -1,6 +1,7 @@
 """The identity consumer's narrow read of the log (domain.LOG_COLUMNS: of the context only
-traits, device, externalIds, os and a string userAgent) observes exactly what the extractor
-takes from whole events, odd shapes included. Real Postgres."""
+traits, device, externalIds, os and a string userAgent, each row observed by
+domain.observe_row) observes exactly what the extractor takes from whole events, odd shapes
+included. Real Postgres."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from services.identity.domain import LOG_COLUMNS, Extractor, Rules
+from services.identity.domain import LOG_COLUMNS, Extractor, Rules, observe_row
 from services.ingest.app import MIGRATIONS as INGEST_MIGRATIONS
 from services.ingest.store import create_source, ensure_partitions, write_rows
 from touchpoint.platform.db import migrate
@@ -81,8 +82,7 @@ async def test_narrow_read_observes_what_whole_events_give(pool: asyncpg.Pool) -
     seen_kinds: set[str] = set()
     attrs: list[dict[str, str]] = []
     for r, whole in zip(narrow, full, strict=True):
-        _, _, *fields = r
-        got = extractor.observe_fields(rules, *fields)
+        got = observe_row(extractor, rules, r)  # as the consumer reads each row
         want = extractor.observe(whole, rules)
         assert got == want, whole.message_id
         assert got is not None

@@ -415,6 +415,16 @@ LOG_COLUMNS = """e.space_id, e.source_id, e.message_id, e.user_id, e.anonymous_i
     case when jsonb_typeof(e.context->'userAgent') = 'string' then e.context->>'userAgent' end"""
 
 
+def observe_row(extractor: Extractor, rules: Rules, row: Any) -> Observed | None:
+    """`Extractor.observe_fields` for a row of the consumer's read of the log (xid, seq, then
+    LOG_COLUMNS), its columns passed one by one: a compiled call, where a star-call builds a
+    list and a tuple and parses 14 arguments for each event."""
+    return extractor.observe_fields(
+        rules, row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9], row[10], row[11],
+        row[12], row[13], row[14]
+    )  # fmt: skip
+
+
 def _take(
     usable: dict[Ident, None], bad: dict[Ident, None], rules: Rules, kind: str, value: Any, region: str
 ) -> None:

@@ -232,7 +232,7 @@ class Stitcher:
             await self._analyze_if_grown(conn)
             rules = await self.rules_for(conn, list(by_space))
             check_deleted = await store.any_deleted(conn)
-            observe = self.extractor.observe_fields
+            extractor = self.extractor
             n = 0
             for space, evs in sorted(by_space.items()):
                 r = rules[space]
@@ -241,8 +241,7 @@ class Stitcher:
                     n += 1
                     if n % _YIELD_EVERY == 0:
                         await asyncio.sleep(0)
-                    _, _, *fields = ev  # xid, seq, then LOG_COLUMNS
-                    o = observe(r, *fields)
+                    o = domain.observe_row(extractor, r, ev)
                     if o is None:
                         sb.no_identifier += 1
                         continue
