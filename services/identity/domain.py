@@ -1330,7 +1330,18 @@ async def observe_batch(graph: Graph, loader: GraphLoader, observed: Sequence[Ob
     """The first half of `apply`: loads what the batch touches and applies its events in key
     order; late ones leave their components dirty for `settle`."""
     await loader.load_idents(graph, list({x for o in observed for x in o.idents}))  # the store sorts
-    sks = [set_key(o.idents) if len(o.idents) > 1 else b"" for o in observed]
+    # A person's events mostly carry the same identifiers (every page view of a logged-in
+    # browser: its userId and anonymousId): each set's digest once per batch.
+    digests: dict[tuple[Ident, ...], bytes] = {}
+    sks: list[bytes] = []
+    for o in observed:
+        ids = o.idents
+        sk = b""
+        if len(ids) > 1:
+            sk = digests.get(ids, b"")
+            if not sk:
+                sk = digests[ids] = set_key(ids)
+        sks.append(sk)
     await loader.load_links(graph, sorted({k for k in sks if k}))
     step = graph.observe
     for n, i in enumerate(sorted(range(len(observed)), key=lambda i: observed[i].key), 1):
