@@ -116,6 +116,62 @@ async def test_a_profiles_merges_are_found_through_its_indexes(pool: asyncpg.Poo
         assert method == "hash"
 
 
+async def test_the_graphs_keys_compare_byte_by_byte(pool: asyncpg.Pool) -> None:
+    # Migration 0009: every text key of the graph's indexes has the collation "C" (a comparison
+    # is a memcmp, not the C library's strcoll), whatever the database's collation; rows sort as
+    # the consumer sorts its COPYs (Python's str order); the published views came back.
+    await migrate(pool, "identity", MIGRATIONS)
+    rows = await pool.fetch(
+        """select t.relname as tab, c.relname as idx, coalesce(a.attname, '(expression)') as col,
+                  coll.collname
+           from pg_index i
+           join pg_class c on c.oid = i.indexrelid
+           join pg_class t on t.oid = i.indrelid
+           join pg_namespace n on n.oid = t.relnamespace and n.nspname = 'identity'
+           cross join lateral unnest(i.indkey::int2[], i.indcollation::oid[]) as k(attnum, collid)
+           left join pg_attribute a on a.attrelid = t.oid and a.attnum = k.attnum
+           join pg_collation coll on coll.oid = k.collid
+           where t.relname = any($1::text[])""",
+        ["identifiers", "event_refs", "traits", "links", "merge_log", "deletion_queue"],
+    )
+    keys = {(r["tab"], r["col"]): r["collname"] for r in rows}
+    for key in (
+        ("identifiers", "value"),
+        ("identifiers", "kind"),
+        ("identifiers", "space_id"),
+        ("identifiers", "profile_id"),
+        ("event_refs", "value"),
+        ("traits", "key"),
+        ("links", "(expression)"),
+        ("merge_log", "other_profile_ids"),
+        ("merge_log", "message_id"),
+        ("deletion_queue", "message_id"),
+    ):
+        assert key in keys, (key, sorted(keys))
+    assert {k: v for k, v in keys.items() if v != "C"} == {}
+    values = ["b", "B", "a", "\u00e9", "z", "\u00e4", "_x", "Z", "a b", "a-b", "\u4e2d"]
+    await pool.execute(
+        """insert into identity.identifiers (space_id, kind, value, profile_id, first_time,
+               first_message_id, first_source_id, last_time)
+           select 'order', 'anonymous_id', v, 'p', now(), 'm', 's', now() from unnest($1::text[]) v""",
+        values,
+    )
+    got = await pool.fetch(
+        "select value from identity.identifiers where space_id = 'order' order by value, kind, space_id"
+    )
+    assert [r["value"] for r in got] == sorted(values)
+    views = await pool.fetch(
+        "select table_name from information_schema.views where table_schema = 'identity' order by 1"
+    )
+    assert [r["table_name"] for r in views] == [
+        "deleted_profiles",
+        "erased_events",
+        "identifies",
+        "profile_identifiers",
+        "users",
+    ]
+
+
 async def test_reads_go_through_the_keys_with_the_value_first(pool: asyncpg.Pool) -> None:
     # Migration 0007 reordered the graph's keys (value, kind, space_id): the store's reads by
     # identifier still find them, a resolve without visiting the table.

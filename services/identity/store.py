@@ -491,11 +491,11 @@ _STAGES = """
 create temp table if not exists identity_stage_components (
     id bigint, t timestamptz, mid text, src text, size int) on commit delete rows;
 create temp table if not exists identity_stage_identifiers (
-    kind text, value text, profile_id text, component_id bigint, ft timestamptz, fm text, fs text,
-    lt timestamptz, isolated bool, attrs jsonb) on commit delete rows;
+    kind text collate "C", value text collate "C", profile_id text collate "C", component_id bigint,
+    ft timestamptz, fm text, fs text, lt timestamptz, isolated bool, attrs jsonb) on commit delete rows;
 create temp table if not exists identity_stage_traits (
-    kind text, value text, key text, value_json jsonb, t timestamptz, mid text, src text)
-    on commit delete rows;
+    kind text collate "C", value text collate "C", key text collate "C", value_json jsonb,
+    t timestamptz, mid text, src text) on commit delete rows;
 """
 
 
