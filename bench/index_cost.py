@@ -100,6 +100,18 @@ def _merge_rows(lo: int, hi: int) -> list[tuple[Any, ...]]:
     ]  # fmt: skip
 
 
+def collate_c(*columns: str) -> str:
+    """A variant's first statement: these text columns of t compare byte by byte (identity's
+    migration 0009), not by the database's collation (the embedded server's is C.UTF-8, which
+    Postgres compares through strcoll). Not an index: `index_statements` leaves it out."""
+    return "alter table t " + ", ".join(f'alter column {c} type text collate "C"' for c in columns)
+
+
+def index_statements(statements: Sequence[str]) -> list[str]:
+    """The statements of a variant that make an index (each holds every row)."""
+    return [s for s in statements if not s.startswith("alter table t alter column")]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "identifiers": Scenario(
         table="""create table t (space_id text not null, kind text not null, value text not null,
@@ -133,7 +145,13 @@ SCENARIOS: dict[str, Scenario] = {
                 "alter table t add primary key (value, kind, space_id) include (profile_id)",
                 "create index on t using hash (profile_id)",
             ],
-            "(0007) + hash (profile_id) + btree (component_id): the table": [
+            "(0007) + hash (profile_id) + btree (component_id)": [
+                "alter table t add primary key (value, kind, space_id) include (profile_id)",
+                "create index on t using hash (profile_id)",
+                "create index on t (component_id) where component_id is not null",
+            ],
+            'the same, text keys collate "C" (0009): the table': [
+                collate_c("space_id", "kind", "value", "profile_id"),
                 "alter table t add primary key (value, kind, space_id) include (profile_id)",
                 "create index on t using hash (profile_id)",
                 "create index on t (component_id) where component_id is not null",
@@ -151,8 +169,12 @@ SCENARIOS: dict[str, Scenario] = {
             "btree (space_id, kind, value, time) (0002)": [
                 'create index on t (space_id, kind, value, "time")'
             ],
-            "btree (value, kind, space_id, time) (0007): the table": [
+            "btree (value, kind, space_id, time) (0007)": [
                 'create index on t (value, kind, space_id, "time")'
+            ],
+            'the same, text keys collate "C" (0009): the table': [
+                collate_c("space_id", "kind", "value", "message_id", "source_id"),
+                'create index on t (value, kind, space_id, "time")',
             ],
             "btree (a 64-bit digest, time)": ['create index on t (anchor, "time")'],
         },

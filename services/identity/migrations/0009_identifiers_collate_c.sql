@@ -2,11 +2,13 @@
 -- collation. They are opaque ids, never sorted for people. Under any other collation a text
 -- comparison in an index goes through the C library's strcoll: the strings copied into
 -- terminated buffers, the locale looked up, then strcoll, then strcmp to break ties. The
--- embedded server's databases are C.UTF-8, which Postgres does not treat as "C". A perf profile
--- of the consumer's backends at 400k events put strcoll, the locale lookups and those copies
--- at 6-8 % of their CPU. Byte order is code point order, which is how the consumer sorts
--- COPY rows into index order (Python's str order). The views on these columns are made again:
--- a column under a view cannot change.
+-- embedded server's databases are C.UTF-8, which Postgres does not treat as "C": in a perf
+-- profile of the consumer's backends at 400k events, strcoll, strcmp and part of the copies made
+-- about 5 % of their samples, gone with this migration (bench/RESULTS.md, stop 17; the events/s
+-- did not move out of this machine's noise). A linguistic default collation (en_US.UTF-8, which
+-- managed servers often have) costs more per comparison. Byte order is code point order, which
+-- is how the consumer sorts COPY rows into index order (Python's str order). The views on these
+-- columns are made again: a column under a view cannot change.
 drop view identity.users;
 drop view identity.identifies;
 drop view identity.profile_identifiers;
