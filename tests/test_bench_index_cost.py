@@ -28,10 +28,10 @@ async def test_each_variant_is_built_filled_and_measured(pool: asyncpg.Pool) -> 
             assert "x heap alone: 1.00" in report.splitlines()[1]
         assert await conn.fetchval("select to_regclass('t')") is None  # dropped
         # The collation variant is built as named: its keys compare byte by byte.
-        variant = SCENARIOS["identifiers"].variants['the same, text keys collate "C" (0009): the table']
+        statements = SCENARIOS["identifiers"].variants['the same, text keys collate "C" (0009): the table']
         await conn.execute(SCENARIOS["identifiers"].table)
         try:
-            for sql in variant:
+            for sql in statements:
                 await conn.execute(sql)
             keys = await conn.fetch(
                 """select a.attname, c.collname from pg_attribute a join pg_collation c on c.oid = a.attcollation
