@@ -18,17 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "build" / "native"
 # What services.identity.COMPILED names (main() checks).
 MODULES = ["services/identity/domain.py", "services/identity/store.py", "services/identity/stitcher.py"]
+# C extensions (services.identity.C_EXTENSIONS), each built from services/identity/<name>.c.
+C_SOURCES = ["services/identity/_copybin.c"]
 
 
 def stamp_of(source: Path) -> Path:
-    return OUT / source.relative_to(ROOT).with_suffix(".py.sha256")
+    rel = source.relative_to(ROOT)
+    return OUT / rel.parent / f"{rel.name}.sha256"
 
 
 def main() -> int:
-    from services.identity import COMPILED, native_is_current, source_digest
+    from services.identity import C_EXTENSIONS, COMPILED, native_is_current, source_digest
 
     if [f"services/identity/{m}.py" for m in COMPILED] != MODULES:
         raise SystemExit("services.identity.COMPILED and MODULES differ")
+    if [f"services/identity/{m}.c" for m in C_EXTENSIONS] != C_SOURCES:
+        raise SystemExit("services.identity.C_EXTENSIONS and C_SOURCES differ")
     if native_is_current():
         print("build/native is up to date")
         return 0
@@ -40,9 +45,9 @@ def main() -> int:
         )
     os.chdir(ROOT)  # mypyc reads pyproject.toml's [tool.mypy] and writes its C under build/
     from mypyc.build import mypycify
-    from setuptools import setup
+    from setuptools import Extension, setup
 
-    sources = [ROOT / m for m in MODULES]
+    sources = [ROOT / m for m in MODULES + C_SOURCES]
     digests = {s: source_digest(s) for s in sources}  # what is compiled, before compiling it
     for s in sources:
         stamp_of(s).unlink(missing_ok=True)
@@ -51,7 +56,13 @@ def main() -> int:
         name="touchpoint-native",
         packages=[],
         py_modules=[],
-        ext_modules=mypycify(MODULES, opt_level="3", separate=True),
+        ext_modules=[
+            *mypycify(MODULES, opt_level="3", separate=True),
+            *(
+                Extension(c.removesuffix(".c").replace("/", "."), [c], extra_compile_args=["-O2"])
+                for c in C_SOURCES
+            ),
+        ],
         script_args=[
             "-q",
             "build_ext",

@@ -10,22 +10,23 @@ import sys
 from pathlib import Path
 
 import services.identity as pkg
-from scripts.build_native import MODULES
+from scripts.build_native import C_SOURCES, MODULES
 from services.identity import domain, stitcher, store
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fake_build(native: Path, sources: Path) -> None:
-    for name in pkg.COMPILED:
-        (sources / f"{name}.py").write_text(f"# {name}\n")
-        digest = hashlib.sha256((sources / f"{name}.py").read_bytes()).hexdigest()
-        (native / f"{name}.py.sha256").write_text(digest + "\n")
+    for name, source in [(m, f"{m}.py") for m in pkg.COMPILED] + [(c, f"{c}.c") for c in pkg.C_EXTENSIONS]:
+        (sources / source).write_text(f"# {name}\n")
+        digest = hashlib.sha256((sources / source).read_bytes()).hexdigest()
+        (native / f"{source}.sha256").write_text(digest + "\n")
         (native / f"{name}.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
 
 
 def test_modules_compiled_are_the_ones_the_package_checks() -> None:
     assert [f"services/identity/{m}.py" for m in pkg.COMPILED] == MODULES
+    assert [f"services/identity/{m}.c" for m in pkg.C_EXTENSIONS] == C_SOURCES
 
 
 def test_a_build_is_used_only_while_every_source_is_unchanged(tmp_path: Path) -> None:
@@ -43,6 +44,9 @@ def test_a_build_is_used_only_while_every_source_is_unchanged(tmp_path: Path) ->
     _fake_build(native, sources)
     (native / "stitcher.py.sha256").unlink()
     assert not pkg.native_is_current(native, sources)
+    _fake_build(native, sources)
+    (sources / "_copybin.c").write_text("/* the C encoder, edited after the build */\n")
+    assert not pkg.native_is_current(native, sources)
 
 
 def test_the_suite_runs_the_compiled_modules() -> None:
@@ -50,6 +54,7 @@ def test_the_suite_runs_the_compiled_modules() -> None:
     assert pkg.native_is_current(), "build/native is missing or stale: run `make native`"
     if os.environ.get("TOUCHPOINT_NATIVE", "1") != "0":
         assert pkg.NATIVE
+        assert store._COPYBIN is not None  # the C encoder of COPY rows, built with them
         for module in (domain, store, stitcher):
             assert module.__file__ is not None
             assert Path(module.__file__).parent == pkg.NATIVE_DIR, module.__file__

@@ -1,7 +1,7 @@
 """The identity service: stitches identifiers into profiles (gRPC 50052, metrics 9102).
 
 The graph's hot path (`domain`, `store`, `stitcher`) is loaded compiled (mypyc: `make native` builds it into
-build/native) when that build was made from the current sources, and from the sources otherwise
+build/native, with the C encoder of COPY rows, `_copybin.c`) when that build was made from the current sources, and from the sources otherwise
 or when TOUCHPOINT_NATIVE=0: the same code either way.
 """
 
@@ -13,8 +13,11 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 NATIVE_DIR = _HERE.parents[1] / "build" / "native" / "services" / "identity"
-# What scripts/build_native.py compiles, each stamped with the SHA-256 of its source.
+# What scripts/build_native.py compiles, each stamped with the SHA-256 of its source: these
+# modules with mypyc, and C extensions written as such (_copybin: COPY rows in Postgres' binary
+# format, which store.py uses when it is built).
 COMPILED = ("domain", "store", "stitcher")
+C_EXTENSIONS = ("_copybin",)
 
 
 def source_digest(source: Path) -> str:
@@ -26,9 +29,9 @@ def native_is_current(native: Path = NATIVE_DIR, sources: Path = _HERE) -> bool:
     """Whether `native` holds every compiled module, each stamped with its current source's
     SHA-256: after an edit, until the next build, every module is loaded from its source."""
     try:
-        for name in COMPILED:
-            built = (native / f"{name}.py.sha256").read_text().strip()
-            if built != source_digest(sources / f"{name}.py"):
+        for name, source in [(m, f"{m}.py") for m in COMPILED] + [(c, f"{c}.c") for c in C_EXTENSIONS]:
+            built = (native / f"{source}.sha256").read_text().strip()
+            if built != source_digest(sources / source):
                 return False
             if not any(native.glob(f"{name}.*.so")):
                 return False

@@ -25,6 +25,19 @@ from touchpoint.platform.eventlog import lock_positions
 
 _SEP = "\x1e"  # identifier values never hold control characters (domain.normalise)
 
+
+def _copy_encoder() -> Any:
+    """services.identity._copybin (C, built by `make native` with the compiled modules), or None
+    when it is not built or TOUCHPOINT_NATIVE=0: asyncpg's own encoder then encodes the rows."""
+    try:
+        from services.identity import _copybin
+    except ImportError:
+        return None
+    return _copybin
+
+
+_COPYBIN: Any = _copy_encoder()
+
 _LINK_COLUMNS = (
     "l.set_key, l.idents, l.first_time, l.first_message_id, l.first_source_id, l.cut, l.component_id"
 )
@@ -231,16 +244,106 @@ class WritePlan:
     def execute(self, sql: str, *args: Any) -> None:
         self.ops.append((False, sql, args, {}))
 
-    def copy_records_to_table(self, table: str, **kwargs: Any) -> None:
-        self.ops.append((True, table, (), kwargs))
+    def copy(self, table: str, records: list[tuple[Any, ...]]) -> None:
+        """A COPY of rows into one of COPIES' tables."""
+        self.ops.append((True, table, records, {}))
 
     async def run(self, conn: asyncpg.Connection) -> None:
         await _ensure_stages(conn)
-        for is_copy, what, args, kwargs in self.ops:
+        for is_copy, what, args, _ in self.ops:
             if is_copy:
-                await conn.copy_records_to_table(what, **kwargs)
+                await copy_rows(conn, what, args)
             else:
                 await conn.execute(what, *args)
+
+
+# What the store COPYs: table -> (schema, columns (None: all, in order), a letter per column for
+# _copybin). tests/test_identity_copy.py checks the letters against the tables' column types.
+COPIES: dict[str, tuple[str | None, tuple[str, ...] | None, str]] = {
+    "components": (
+        "identity",
+        ("component_id", "space_id", "max_time", "max_message_id", "max_source_id", "size"),
+        "qtTtti",
+    ),
+    "identity_stage_components": (None, None, "qTtti"),
+    "identifiers": (
+        "identity",
+        (
+            "space_id",
+            "kind",
+            "value",
+            "profile_id",
+            "component_id",
+            "first_time",
+            "first_message_id",
+            "first_source_id",
+            "last_time",
+            "isolated",
+            "attrs",
+        ),
+        "ttttqTttT?j",
+    ),
+    "identity_stage_identifiers": (None, None, "tttqTttT?j"),
+    "links": (
+        "identity",
+        (
+            "space_id",
+            "set_key",
+            "idents",
+            "first_time",
+            "first_message_id",
+            "first_source_id",
+            "cut",
+            "component_id",
+        ),
+        "tbtTtt?q",
+    ),
+    "merge_log": (
+        "identity",
+        (
+            "space_id",
+            "action",
+            "reason",
+            "limit_kind",
+            "profile_id",
+            "other_profile_ids",
+            "identifiers",
+            "event_time",
+            "message_id",
+            "source_id",
+        ),
+        "tttttAATtt",
+    ),
+    "event_refs": ("identity", ("space_id", "kind", "value", "time", "message_id", "source_id"), "tttTtt"),
+    "traits": (
+        "identity",
+        ("space_id", "kind", "value", "key", "value_json", "time", "message_id", "source_id"),
+        "ttttjTtt",
+    ),
+    "identity_stage_traits": (None, None, "tttjTtt"),
+}
+
+
+async def copy_rows(conn: asyncpg.Connection, table: str, records: list[tuple[Any, ...]]) -> None:
+    """COPY rows into one of COPIES' tables in Postgres' binary format, encoded by _copybin in one
+    pass of C: asyncpg's encoder calls a codec for each value (15 % of the consumer's CPU,
+    bench/RESULTS.md stop 18). Without _copybin, or for values it does not take (the datetimes
+    of a pool without raw_times: SplitProfile's and DeleteProfile's writes), asyncpg encodes."""
+    schema, columns, types = COPIES[table]
+    enc = _COPYBIN
+    if enc is not None:
+        data: bytes | None
+        try:
+            data = enc.encode(records, types)
+        except TypeError:
+            data = None
+        if data is not None:
+            # A memoryview: asyncpg takes bytes for a file's path.
+            await conn.copy_to_table(
+                table, source=memoryview(data), columns=columns, schema_name=schema, format="binary"
+            )
+            return
+    await conn.copy_records_to_table(table, records=records, columns=columns, schema_name=schema)
 
 
 def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
@@ -283,16 +386,11 @@ def _plan_components(conn: WritePlan, graph: Graph) -> None:
     # By COPY, not unnest()ed arrays: asyncpg checks each array element against three ABCs.
     if fresh:
         fresh.sort()  # ids grow with time: the index's right edge
-        conn.copy_records_to_table(
-            "components",
-            schema_name="identity",
-            columns=("component_id", "space_id", "max_time", "max_message_id", "max_source_id", "size"),
-            records=[(c, space, *_key_columns(comps[c].max_key), comps[c].size) for c in fresh],
-        )
+        conn.copy("components", [(c, space, *_key_columns(comps[c].max_key), comps[c].size) for c in fresh])
     if changed:
-        conn.copy_records_to_table(
+        conn.copy(
             "identity_stage_components",
-            records=[(c, *_key_columns(comps[c].max_key), comps[c].size) for c in changed],
+            [(c, *_key_columns(comps[c].max_key), comps[c].size) for c in changed],
         )
         conn.execute(
             """update identity.components c
@@ -351,11 +449,9 @@ def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
         # In key order (value, kind): consecutive inserts land on the same index pages (a third
         # cheaper in Postgres than one at a random place each).
         _sort_by(inserts, 2, 1)
-        conn.copy_records_to_table(
-            "identifiers", schema_name="identity", columns=_IDENT_COPY, records=inserts
-        )
+        conn.copy("identifiers", inserts)
     if updates:
-        conn.copy_records_to_table("identity_stage_identifiers", records=updates)
+        conn.copy("identity_stage_identifiers", updates)
         conn.execute(
             """update identity.identifiers i set
                    profile_id = s.profile_id,
@@ -399,9 +495,7 @@ def _plan_links(conn: WritePlan, graph: Graph) -> None:
                 link_updates.append((sk, ln.first[0], ln.first[1], ln.first[2], ln.cut, cid))
         if link_inserts:
             link_inserts.sort(key=_SET_KEY)
-            conn.copy_records_to_table(
-                "links", schema_name="identity", columns=_LINK_COPY, records=link_inserts
-            )
+            conn.copy("links", link_inserts)
         if link_updates:
             conn.execute(
                 """update identity.links l set
@@ -424,11 +518,9 @@ def _plan_merge_log(conn: WritePlan, graph: Graph) -> None:
             graph.superseded,
         )
     if graph.decisions:
-        conn.copy_records_to_table(
+        conn.copy(
             "merge_log",
-            schema_name="identity",
-            columns=_MERGE_LOG_COPY,
-            records=[
+            [
                 (space, d.action, d.reason, d.limit_kind, d.profile, list(d.others),
                  [f"{k}:{v}" for k, v in d.idents], d.key[0], d.key[1], d.key[2])
                 for d in graph.decisions
@@ -447,44 +539,6 @@ def _sort_by(rows: list[Any], *columns: int) -> None:
     for i in reversed(columns):
         rows.sort(key=_ITEM[i])
 
-
-_TRAIT_COPY = ("space_id", "kind", "value", "key", "value_json", "time", "message_id", "source_id")
-
-_IDENT_COPY = (
-    "space_id",
-    "kind",
-    "value",
-    "profile_id",
-    "component_id",
-    "first_time",
-    "first_message_id",
-    "first_source_id",
-    "last_time",
-    "isolated",
-    "attrs",
-)
-_LINK_COPY = (
-    "space_id",
-    "set_key",
-    "idents",
-    "first_time",
-    "first_message_id",
-    "first_source_id",
-    "cut",
-    "component_id",
-)
-_MERGE_LOG_COPY = (
-    "space_id",
-    "action",
-    "reason",
-    "limit_kind",
-    "profile_id",
-    "other_profile_ids",
-    "identifiers",
-    "event_time",
-    "message_id",
-    "source_id",
-)
 
 # Per-connection staging tables for bulk upserts: COPY in, then one INSERT ... ON CONFLICT.
 _STAGES = """
@@ -519,12 +573,7 @@ def _write_observations(conn: WritePlan, graph: Graph, observed: Sequence[Observ
     # rows of a batch are adjacent either way).
     refs = [(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed]
     _sort_by(refs, 2, 1)
-    conn.copy_records_to_table(
-        "event_refs",
-        schema_name="identity",
-        columns=("space_id", "kind", "value", "time", "message_id", "source_id"),
-        records=refs,
-    )
+    conn.copy("event_refs", refs)
     latest: dict[tuple[Ident, str], tuple[Key, Any]] = {}
     for o in observed:
         if not o.traits:
@@ -541,16 +590,17 @@ def _write_observations(conn: WritePlan, graph: Graph, observed: Sequence[Observ
     known = []
     for (anchor, name), (when, v) in latest.items():
         n = nodes.get(anchor)
+        j = jsonb(v)
         if n is not None and n.new:
-            fresh.append((space, anchor[0], anchor[1], name, v, when[0], when[1], when[2]))
+            fresh.append((space, anchor[0], anchor[1], name, j, when[0], when[1], when[2]))
         else:
-            known.append((anchor[0], anchor[1], name, v, when[0], when[1], when[2]))
+            known.append((anchor[0], anchor[1], name, j, when[0], when[1], when[2]))
     if fresh:
         # No row can exist (an identifier's traits go with it): a plain COPY, in key order.
         _sort_by(fresh, 2, 1, 3)  # the key's order: value, kind, (space,) key
-        conn.copy_records_to_table("traits", schema_name="identity", columns=_TRAIT_COPY, records=fresh)
+        conn.copy("traits", fresh)
     if known:
-        conn.copy_records_to_table("identity_stage_traits", records=known)
+        conn.copy("identity_stage_traits", known)
         conn.execute(
             """insert into identity.traits as t (space_id, kind, value, key, value_json, "time",
                    message_id, source_id)
