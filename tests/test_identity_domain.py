@@ -511,6 +511,35 @@ def test_a_graph_is_freed_by_reference_counting_alone() -> None:
         gc.enable()
 
 
+def test_new_identifiers_join_a_profile_without_one_of_their_own() -> None:
+    """An event's new identifiers join the one existing profile of its other identifiers (or
+    make one together) with no profile of their own made and merged away (Partition.join); when
+    a limit would be broken, or two existing profiles meet, the greedy rule runs as for any
+    link, with the same result and the same profile names."""
+    rules = Rules({"user_id": 1})
+    graph = Graph(SPACE, rules)
+    part = graph.part
+    graph.observe([("anonymous_id", "a")], key(1, "m1"))
+    assert len(part.plist) == 1  # a page view: its new anonymous id is a profile of its own
+    graph.observe([("user_id", "u"), ("anonymous_id", "a"), ("email", "u@x.io")], key(2, "m2"))
+    assert len(part.plist) == 1  # the login: user id and email join it, no profile made for them
+    named = profile_id(SPACE, ("anonymous_id", "a"))
+    assert {graph.profile_of(x) for x in part.nodes} == {named}
+    assert part.plist[0].counts == {"anonymous_id": 1, "user_id": 1, "email": 1}
+    assert not graph.decisions
+    # All new together: one profile, named after the identifier of the highest priority.
+    graph.observe([("anonymous_id", "b"), ("user_id", "v")], key(3, "m3"))
+    assert len(part.plist) == 2
+    assert graph.profile_of(("anonymous_id", "b")) == profile_id(SPACE, ("user_id", "v"))
+    # A second user id for the first profile: refused by the rule, the new one kept apart.
+    graph.observe([("anonymous_id", "a"), ("user_id", "w")], key(4, "m4"))
+    assert graph.profile_of(("user_id", "w")) == profile_id(SPACE, ("user_id", "w"))
+    assert [(d.action, d.idents) for d in graph.decisions] == [(REFUSED, (("user_id", "w"),))]
+    # Every node has a profile that holds it.
+    for n in part.nodes.values():
+        assert n.p >= 0 and n in part.plist[n.p].members
+
+
 # ---------------------------------------------------------------------------------------------
 # Identifiers of an event
 

@@ -652,6 +652,68 @@ class Partition:
         self.nodes[x] = n
         return n
 
+    def alone(self, fresh: list[Node], birth: Key) -> None:
+        """New nodes (Node.p -1), each as a profile of its own (what `singleton` makes)."""
+        rank = self.rules.rank
+        for n in fresh:
+            if n.p < 0:
+                p = self._new_profile(None, n.ident)
+                n.p = p.index
+                p.members.add(n)
+                p.founded = (birth, rank(n.kind), n.value)
+                p.counts = {n.kind: 1}
+
+    def join(self, link: Sequence[Node], fresh: list[Node], key: Key) -> bool:
+        """What `step` does for a link whose identifiers were all new but those of one existing
+        profile (or none), born before this event, when no limit is exceeded: every new one
+        joins that profile (or they make one together). No merge decision: singletons born by
+        this very event are not profiles that existed. False (nothing done) otherwise."""
+        target: Profile | None = None
+        plist = self.plist
+        left = len(fresh)
+        for n in link:
+            i = n.p
+            if i < 0:
+                left -= 1
+                continue
+            p = plist[i]
+            if target is None:
+                target = p
+            elif p is not target:
+                return False
+        if left:
+            return False  # a new identifier the link leaves out (blocked): `alone` for it
+        rules = self.rules
+        limits, default = rules.limits, rules.default_limit
+        if target is None:
+            counts: dict[str, int] = {}
+        else:
+            f = self.summarise(target)
+            if not f[0] < key:
+                return False
+            counts = dict(target.counts)
+        for n in fresh:
+            k = n.kind
+            c = counts.get(k, 0) + 1
+            if c > limits.get(k, default):
+                return False
+            counts[k] = c
+        if target is None:
+            rank = rules.rank
+            firsts = sorted([(rank(m.kind), m.value, i) for i, m in enumerate(fresh)])
+            if len(firsts) > 1 and firsts[0][:2] == firsts[1][:2]:
+                return False  # two as old as each other: `step` decides
+            founder = fresh[firsts[0][2]]
+            target = self._new_profile(None, founder.ident)
+            target.founded = (key, firsts[0][0], founder.value)
+        ti = target.index
+        into = target.members
+        for n in fresh:
+            n.p = ti
+            into.add(n)
+        target.counts = counts
+        return True
+
     def _move(self, n: Node, to: Profile) -> None:
         old = self.plist[n.p]
         old.members.discard(n)
@@ -944,11 +1006,20 @@ class Graph:
         nodes = part.nodes
         t = key[0]
         ns: list[Node] = []
+        # New identifiers get no profile of their own yet (Node.p -1): most join the one existing
+        # profile of the event's other identifiers, or one new profile together (`Partition.join`):
+        # the Profile, set, dict and tuple of a singleton merged away at once are not made.
+        fresh: list[Node] | None = None
         for x in idents:
             n = nodes.get(x)
             if n is None:
-                n = part.singleton(x, key)
+                n = Node(x, key, -1, True)
+                nodes[x] = n
                 self.created += 1
+                if fresh is None:
+                    fresh = [n]
+                else:
+                    fresh.append(n)
             elif key < n.birth:
                 n.birth = key
                 part.plist[n.p].founded = None
@@ -962,10 +1033,14 @@ class Graph:
                     n.attrs = device
             ns.append(n)
         if len(ns) < 2:
+            if fresh is not None:
+                part.alone(fresh, key)
             return
         sk = sk or set_key(idents)
         link = self.links.get(sk)
         if link is not None:
+            if fresh is not None:
+                part.alone(fresh, key)
             if link.first <= key:
                 return  # the same set linked before: nothing changes
             self.replaced_keys.add(link.first)
@@ -981,6 +1056,8 @@ class Graph:
         if self.isolated or self.rules._blocked is not None:
             ns = [nodes[x] for x in self.effective(link)]
             if len(ns) < 2:
+                if fresh is not None:
+                    part.alone(fresh, key)
                 return
         alias, components, dirty = self.alias, self.components, self.dirty
         roots: set[int] = set()
@@ -1000,9 +1077,15 @@ class Graph:
         root = self._union(roots, alone)
         link.component = root
         if late:
+            if fresh is not None:
+                part.alone(fresh, key)
             dirty.add(root)
             return
         components[root].max_key = key
+        if fresh is not None and part.join(ns, fresh, key):
+            return
+        if fresh is not None:
+            part.alone(fresh, key)
         decisions = part.step(ns, key)
         if decisions:
             self.decisions.extend(decisions)
