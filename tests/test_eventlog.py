@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -216,3 +217,48 @@ async def test_pipelined_batches_apply_once_and_a_failed_commit_drops_the_next(
     fail_on.clear()
     await consumer.catch_up()
     assert await mine(log_pool, name, src) == [f"p{i:03d}" for i in range(45)]
+
+
+async def test_a_pipelined_chain_reads_the_batch_after_next_while_it_prepares(
+    log_pool: asyncpg.Pool,
+) -> None:
+    """While batch k+1 is prepared (batch k committing), batch k+2 is already being read, so
+    the step after starts preparing as soon as its commit starts; a chain that ends leaves no
+    read behind, and every event is applied once."""
+    src = "src_" + secrets.token_hex(4)
+    name = "ahead_" + secrets.token_hex(4)
+    seen: list[str] = []
+    apply = recorder(name, seen, src)
+    reads = 0
+    reads_when_prepared: list[int] = []
+
+    async def prepare(events: list[LogEvent], previous: object) -> list[LogEvent]:
+        reads_when_prepared.append(reads)
+        await asyncio.sleep(0)
+        return events
+
+    consumer = LogConsumer(
+        log_pool, schema="consumer_test", name=name, apply=apply, prepare=prepare, batch_size=10, pipeline=4
+    )
+    await consumer.ensure()
+    await consumer.catch_up()  # skip past whatever other tests wrote
+    seen.clear()
+    reads_when_prepared.clear()
+    read = consumer._read
+
+    def counting_read(conn: Any, partition: int, pos: tuple[Any, int]) -> Awaitable[list[asyncpg.Record]]:
+        nonlocal reads
+        reads += 1  # when the read is sent for, not when its task first runs
+        return read(conn, partition, pos)
+
+    consumer._read = counting_read  # type: ignore[method-assign,assignment]
+    async with log_pool.acquire() as conn:
+        await store.write_rows(conn, [row(src, f"a{i:03d}") for i in range(55)])
+    assert await consumer.step() == 40  # one chain: four batches
+    # Batch 1 (prepared first, alone) was read by then; batch 2 is prepared with batch 3's read
+    # sent; batch 3 ends the chain (four batches), so none is read after it.
+    assert reads_when_prepared == [1, 3, 4, 4]
+    assert reads == 4
+    assert await mine(log_pool, name, src) == [f"a{i:03d}" for i in range(40)]
+    await consumer.catch_up()
+    assert await mine(log_pool, name, src) == [f"a{i:03d}" for i in range(55)]

@@ -126,8 +126,10 @@ class MemoryStore:
             ln = graph.links[k]
             comp = None if ln.component is None else graph.find(ln.component)
             self.links[k] = domain.LinkState(ln.idents, ln.first, ln.cut, comp)
-        for d in graph.decisions:
-            self.log[next(self.ids)] = d
+        ids = graph.decision_ids or [next(self.ids) for _ in graph.decisions]
+        for d, i in zip(graph.decisions, ids, strict=True):
+            assert i not in self.log
+            self.log[i] = d
         self.superseded.update(graph.superseded)
 
     def apply(self, rules: Rules, batch: Sequence[Observed]) -> None:
@@ -136,10 +138,10 @@ class MemoryStore:
         self.write(graph)
 
     def apply_pipelined(self, rules: Rules, batches: Sequence[Sequence[Observed]]) -> int:
-        """Applies batches as the consumer pipelines them: each batch's fast path runs over an
-        overlay of the previous batch's final graph *before* that graph is written, then the
-        previous write lands and the batch settles on the store. Returns how many batches
-        the overlay could not serve (prepared again after the write)."""
+        """Applies batches as the consumer pipelines them: each batch is prepared whole (its
+        fast path, then settle, its decisions numbered) over an overlay of the previous batch's
+        final graph *before* that graph is written; then the previous write lands. Returns how
+        many batches the overlay could not serve (prepared again on the store after the write)."""
 
         async def run() -> int:
             prev: Graph | None = None
@@ -147,10 +149,10 @@ class MemoryStore:
             for batch in batches:
                 graph: Graph | None = Graph(SPACE, rules)
                 assert graph is not None
+                loader = self if prev is None else OverlayLoader(self, prev)
                 try:
-                    await domain.observe_batch(
-                        graph, self if prev is None else OverlayLoader(self, prev), batch
-                    )
+                    await domain.observe_batch(graph, loader, batch)
+                    await domain.settle(graph, loader)
                 except StaleOverlay:
                     graph = None
                 if prev is not None:
@@ -158,8 +160,8 @@ class MemoryStore:
                 if graph is None:
                     again += 1
                     graph = Graph(SPACE, rules)
-                    await domain.observe_batch(graph, self, batch)
-                await domain.settle(graph, self)
+                    await domain.apply(graph, self, batch)
+                graph.number([next(self.ids) for _ in graph.decisions])
                 prev = graph
             if prev is not None:
                 self.write(prev)
@@ -344,6 +346,30 @@ def test_pipelined_batches_are_served_by_the_overlay() -> None:
     assert store.partition() == expected
     assert store.current_log() == expected_log
     assert len(set(expected.values())) == 30
+
+
+def test_a_batch_supersedes_a_decision_the_previous_batch_is_still_writing() -> None:
+    """Batch 1 refuses to merge two users' profiles through a shared browser; batch 2, prepared
+    while batch 1 is still being written, brings an earlier event that changes who the browser
+    went to. Its settle recomputes the component over the overlay: the refusal batch 1 made
+    (its merge log id reserved before its write) is superseded, the new one recorded."""
+    rules = Rules()
+    events = [
+        (key(10, "e1"), (("user_id", "A"), ("anonymous_id", "1"))),
+        (key(11, "e2"), (("user_id", "B"), ("anonymous_id", "2"))),
+        (key(12, "e3"), (("anonymous_id", "1"), ("anonymous_id", "2"))),
+        (key(5, "e0"), (("user_id", "B"), ("anonymous_id", "1"))),
+    ]
+    expected, expected_log = reference(events, rules)
+    batches = [[observed(k, ids, rules) for k, ids in events[:3]], [observed(*events[3], rules)]]
+    store = MemoryStore()
+    assert store.apply_pipelined(rules, batches) == 0  # both prepared over the overlay
+    assert store.partition() == expected
+    assert store.current_log() == expected_log
+    # Batch 1's refusal (e3) was written, then superseded by batch 2 by its reserved id.
+    (first,) = [i for i, d in store.log.items() if d.key == key(12, "e3")]
+    assert first in store.superseded
+    assert {d.key for d in store.current_log()} == {key(10, "e1")}
 
 
 def test_two_arrival_orders_with_a_late_event_agree() -> None:

@@ -1,6 +1,7 @@
 """The identity consumer's pipeline on a real Postgres: each batch is prepared (identifiers,
-graph slice, fast path) while the previous one commits, over an overlay of that batch's graph;
-a batch whose graph changed meanwhile is prepared again under the graph lock."""
+graph slice, fast path, settled, its writes planned) while the previous one commits, over an
+overlay of that batch's graph; a batch whose graph changed meanwhile is prepared again under the
+graph lock."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ async def test_small_batches_pipelined_over_the_overlay_give_one_profile_per_per
         assert await _profiles(pool, space) == _expected(60)
         # Every batch was served by the overlay of the one before it (a single writer).
         assert _counter("touchpoint_identity_batches_reprepared_total") == again
-        # Late events made components recompute (settled after the previous batch committed).
+        # Late events made components recompute (settled over the previous batch's graph).
         assert _counter("touchpoint_identity_recomputed_components_total") > recomputed
         # 300 new identifiers: analyzed after the first 50, and again once as many more came
         # (reltuples: the count the last analyze saw; -1 when never analyzed).
@@ -157,6 +158,86 @@ async def test_a_split_between_prepare_and_commit_makes_the_batch_prepare_again(
         want = (want - {p0}) | {p0 - {("anonymous_id", "a0-0")}, frozenset({("anonymous_id", "a0-0")})}
         assert got == want
         assert await consumer.position() == (rows[-1]["xid"], rows[-1]["seq"])
+    finally:
+        await identity.stop()
+        await ingest.stop()
+
+
+def _track(mid: str, minute: int, user: str, anon: str) -> ev.Event:
+    e = ev.Event(type=ev.EVENT_TYPE_TRACK, message_id=mid, user_id=user, anonymous_id=anon, event="Viewed")
+    e.timestamp.FromDatetime(T0 + timedelta(minutes=minute))
+    return e
+
+
+async def test_a_batch_prepared_over_a_batch_dropped_at_its_commit_is_prepared_again(
+    pool: asyncpg.Pool,
+) -> None:
+    """Batch A is prepared whole (settled, its writes planned), then batch B over A's graph,
+    expecting the graph version A's write makes. A DeleteProfile lands before A commits: A is
+    prepared again, all its events carry a deleted identifier, and it writes nothing. B must not
+    then find the version it expected and write over a graph that was never written."""
+    ingest = await start_ingest(pool, IngestSettings.for_tests())
+    space = "pipe_" + secrets.token_hex(3)
+    key = "wk_" + secrets.token_hex(6)
+    await create_source(pool, write_key=key, name="p", space_id=space)
+    identity = await start_identity(
+        pool, IdentitySettings.for_tests(ingest.address, consume=False, batch_size=1000)
+    )
+    stitcher = identity.stitcher
+    consumer = stitcher.consumer
+    row = consumer.position_row(0)
+    try:
+        await consumer.catch_up()  # whatever other tests left in the log
+        async with grpc.aio.insecure_channel(ingest.address) as ch:
+            ingest_stub = ingest_grpc.IngestServiceStub(ch)
+
+            async def write(*events: ev.Event) -> None:
+                await ingest_stub.WriteEvents(ingest_pb.WriteEventsRequest(write_key=key, events=events))
+
+            await write(_track("x1", 0, "x-u", "x-a"))
+            await consumer.catch_up()
+            await write(_track("x2", 1, "x-u", "x-b"))
+            pos_a = await consumer.position()
+            rows_a = await consumer._read(pool, 0, pos_a)
+            assert len(rows_a) == 1
+            batch_a = await stitcher.prepare(rows_a, None)
+            assert batch_a.spaces[space].plan is not None and batch_a.final.is_set()
+            await write(_track("x3", 2, "x-u", "x-c"), _track("y1", 3, "y-u", "y-a"))
+            pos_b = (rows_a[-1]["xid"], rows_a[-1]["seq"])
+            rows_b = await consumer._read(pool, 0, pos_b)
+            assert len(rows_b) == 2
+            batch_b = await stitcher.prepare(rows_b, batch_a)
+            assert batch_b.spaces[space].version == batch_a.spaces[space].version_after
+        version = await pool.fetchval(
+            "select version from identity.graph_versions where space_id = $1", space
+        )
+        async with grpc.aio.insecure_channel(identity.address) as ch:
+            stub = pb_grpc.IdentityServiceStub(ch)
+            x = await stub.ResolveProfile(
+                pb.ResolveProfileRequest(
+                    space_id=space, identifier=ev.Identifier(kind="user_id", value="x-u")
+                )
+            )
+            await stub.DeleteProfile(pb.DeleteProfileRequest(name=x.profile, reason="test"))
+        # The version B expects is the one the deletion made (so only the check below tells).
+        assert (
+            await pool.fetchval("select version from identity.graph_versions where space_id = $1", space)
+            == version + 1
+            == batch_b.spaces[space].version
+        )
+        again = _counter("touchpoint_identity_batches_reprepared_total")
+        assert await consumer._commit(row, pos_a, rows_a, batch_a)
+        assert await consumer._commit(row, pos_b, rows_b, batch_b)
+        assert _counter("touchpoint_identity_batches_reprepared_total") == again + 2
+        # Nothing of the deleted person came back (B's plan had x-c join x-u's profile).
+        assert await _profiles(pool, space) == {frozenset({("user_id", "y-u"), ("anonymous_id", "y-a")})}
+        assert (
+            await pool.fetchval(
+                "select count(*) from identity.event_refs where space_id = $1 and value like 'x-%'", space
+            )
+            == 0
+        )
+        assert await consumer.position() == (rows_b[-1]["xid"], rows_b[-1]["seq"])
     finally:
         await identity.stop()
         await ingest.stop()

@@ -892,6 +892,9 @@ class Graph:
         self.new_components: set[int] = set()
         self.removed_components: set[int] = set()
         self.decisions: list[Decision] = []
+        # The merge log ids reserved for `decisions` once they are final (`number`), so that
+        # the next batch, prepared while these are still being written, can supersede them.
+        self.decision_ids: list[int] = []
         # Merge log entries (by their decision) recorded before; id of each.
         self.recorded: dict[Decision, int] = {}
         self.superseded: list[int] = []
@@ -920,6 +923,13 @@ class Graph:
     ) -> None:
         if sk not in self.links and sk not in self.removed_links:
             self.links[sk] = LinkState(idents, first, cut, component)
+
+    def number(self, ids: Sequence[int]) -> None:
+        """Gives the graph's new decisions their merge log ids (reserved from the log's
+        sequence), before its write: one per decision, in order."""
+        if len(ids) != len(self.decisions):
+            raise ValueError(f"{len(ids)} merge log ids for {len(self.decisions)} decisions")
+        self.decision_ids = list(ids)
 
     # -- reading --------------------------------------------------------------------------
     def has(self, x: Ident) -> bool:
@@ -1303,11 +1313,14 @@ class StaleOverlay(Exception):
 class OverlayLoader:
     """Loads a batch's slice while the previous batch of the space is still being written:
     what the previous batch touched comes from its final graph (`prev`), the rest from `base`
-    (storage as it was before that write), with the components `prev` merged renamed as its
-    write renames them. Every profile and component the previous batch touched is whole in its
-    graph (loads bring whole profiles, recomputations whole components), so what `base` returns
-    is either untouched by it or overridden by `prev`. For the fast path only (`observe_batch`);
-    `settle` runs once the previous write is committed, on `base`."""
+    (storage as it was before that write, or after it: the write may commit meanwhile), with
+    the components `prev` merged renamed as its write renames them. Every profile and component
+    the previous batch touched is whole in its graph where it changed them (loads bring whole
+    profiles, recomputations whole components), so what `base` returns is either untouched by
+    it or overridden by `prev`. Serves the fast path (`observe_batch`) and `settle`: a
+    component is what storage has under any of the ids `prev` renamed to it, with `prev`'s
+    members and links over it; the merge log's current decisions are storage's less those
+    `prev` supersedes, with `prev`'s new ones (which must be numbered: `Graph.number`)."""
 
     def __init__(self, base: GraphLoader, prev: Graph) -> None:
         self.base = base
@@ -1328,6 +1341,22 @@ class OverlayLoader:
             graph.load_component(cid, state.max_key, state.size)
         return cid
 
+    def _prev_ident(self, graph: Graph, n: Node) -> None:
+        prev = self.prev
+        c = n.comp
+        graph.load_ident(
+            n.ident,
+            prev.part.plist[n.p].pid,
+            self._component(graph, None if c is None else prev.find(c), None),
+            n.birth,
+            n.ident in prev.isolated,
+        )
+
+    def _prev_link(self, graph: Graph, sk: bytes, ln: LinkState) -> None:
+        c = ln.component
+        cid = None if c is None else self._component(graph, self.prev.find(c), None)
+        graph.load_link(sk, ln.idents, ln.first, ln.cut, cid)
+
     async def load_idents(self, graph: Graph, idents: Sequence[Ident]) -> None:
         prev = self.prev
         pnodes, pprofiles = prev.part.nodes, prev.part.profiles
@@ -1337,17 +1366,8 @@ class OverlayLoader:
                 continue
             pn = pnodes.get(x)
             if pn is not None:
-                pp = prev.part.plist[pn.p]
-                pid = pp.pid
-                for m in pp.members:
-                    c = m.comp
-                    graph.load_ident(
-                        m.ident,
-                        pid,
-                        self._component(graph, None if c is None else prev.find(c), None),
-                        m.birth,
-                        m.ident in prev.isolated,
-                    )
+                for m in prev.part.plist[pn.p].members:
+                    self._prev_ident(graph, m)
             elif x in prev.removed_idents:
                 raise StaleOverlay("an identifier was deleted by the previous batch")
             else:
@@ -1377,8 +1397,7 @@ class OverlayLoader:
                 continue
             ln = prev.links.get(sk)
             if ln is not None:
-                cid = None if ln.component is None else self._component(graph, prev.find(ln.component), None)
-                graph.load_link(sk, ln.idents, ln.first, ln.cut, cid)
+                self._prev_link(graph, sk, ln)
             elif sk in prev.removed_links:
                 raise StaleOverlay("a link was deleted by the previous batch")
             else:
@@ -1391,10 +1410,63 @@ class OverlayLoader:
             graph.load_link(sk, ln.idents, ln.first, ln.cut, self._component(graph, ln.component, None))
 
     async def load_components(self, graph: Graph, cids: Sequence[int]) -> None:
-        raise StaleOverlay("components are loaded by settle, after the previous batch committed")
+        prev = self.prev
+        if prev.removed_idents or prev.removed_links:
+            raise StaleOverlay("the previous batch deleted identifiers")
+        wanted = set(cids)
+        for c in wanted:
+            if c in prev.removed_components and c not in prev.alias:
+                raise StaleOverlay(f"component {c} was dissolved by the previous batch")
+        # Storage has a component under its own id, or (until the previous write commits)
+        # under the ids that write renames to it.
+        stored = sorted(wanted | {c for c in prev.alias if prev.find(c) in wanted})
+        scratch = Graph(graph.space_id, graph.rules)
+        await self.base.load_components(scratch, stored)
+        pnodes, plinks = prev.part.nodes, prev.links
+        mine = {r for c in wanted if (r := prev.find(c)) in prev.components}
+        if mine:
+            # What the previous batch has of them (its new members and links included).
+            for idents, links in prev.members_of(mine).values():
+                for x in idents:
+                    self._prev_ident(graph, pnodes[x])
+                for sk, ln in links:
+                    self._prev_link(graph, sk, ln)
+        for x, n in scratch.part.nodes.items():
+            pn = pnodes.get(x)
+            if pn is not None:
+                self._prev_ident(graph, pn)  # its state after the previous write
+                continue
+            if scratch.part.plist[n.p].pid in prev.part.profiles:
+                raise StaleOverlay("a profile the previous batch changed came back from storage")
+            cid = n.comp
+            graph.load_ident(
+                x,
+                scratch.part.plist[n.p].pid,
+                self._component(graph, cid, None if cid is None else scratch.components.get(cid)),
+                n.birth,
+                x in scratch.isolated,
+            )
+        for sk, ln in scratch.links.items():
+            pl = plinks.get(sk)
+            if pl is not None:
+                self._prev_link(graph, sk, pl)
+            else:
+                graph.load_link(sk, ln.idents, ln.first, ln.cut, self._component(graph, ln.component, None))
 
     async def load_decisions(self, graph: Graph, keys: Sequence[Key]) -> None:
-        raise StaleOverlay("decisions are loaded by settle, after the previous batch committed")
+        prev = self.prev
+        if len(prev.decision_ids) != len(prev.decisions):
+            raise StaleOverlay("the previous batch's decisions have no merge log ids yet")
+        scratch = Graph(graph.space_id, graph.rules)
+        await self.base.load_decisions(scratch, keys)
+        gone = set(prev.superseded)
+        for d, i in scratch.recorded.items():
+            if i not in gone:
+                graph.recorded.setdefault(d, i)
+        wanted = set(keys)
+        for d, i in zip(prev.decisions, prev.decision_ids, strict=True):
+            if d.key in wanted:
+                graph.recorded.setdefault(d, i)
 
 
 async def apply(graph: Graph, loader: GraphLoader, observed: Sequence[Observed]) -> None:
@@ -1449,8 +1521,10 @@ async def settle(graph: Graph, loader: GraphLoader) -> None:
             await loader.load_idents(graph, sorted(missing))
         await loader.load_decisions(graph, sorted({ln.first for ln in mine} | graph.replaced_keys))
         members = graph.members_of(roots)  # recomputing one leaves the others' members as they are
-        for r in sorted(roots):
+        for n, r in enumerate(sorted(roots), 1):
             graph.recompute(r, members[r])
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # as observe_batch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,9 +127,11 @@ class _SpaceBatch:
     drop: list[tuple[str, str, str]] = field(default_factory=list)
     no_identifier: int = 0
     blocked: list[Ident] = field(default_factory=list)
-    # The fast path applied against the graph at `version` (None: to do under the lock).
+    # The batch applied and settled against the graph at `version`, and its writes planned
+    # (None: to do under the lock).
     graph: Graph | None = None
     version: int | None = None
+    plan: store.WritePlan | None = None
     # After apply: whether it wrote the graph, and the version its write moves the graph to.
     wrote: bool = False
     version_after: int = 0
@@ -138,8 +140,9 @@ class _SpaceBatch:
 @dataclass(slots=True)
 class _Batch:
     spaces: dict[str, _SpaceBatch]
-    # Set when apply has made every graph of the batch final (settled, its writes planned), or
-    # failed (`ok` false): the next batch then reads them as its overlay.
+    # Set when every graph of the batch is final (settled, its writes planned: by prepare, or
+    # by apply under the lock), or apply failed (`ok` false): the next batch then reads them as
+    # its overlay.
     final: asyncio.Event = field(default_factory=asyncio.Event)
     ok: bool = False
 
@@ -215,10 +218,12 @@ class Stitcher:
         return out
 
     # -- the consumer ---------------------------------------------------------------------
-    # A batch is prepared outside any transaction (its identifiers extracted, its slice of the
-    # graph loaded and its events applied by the fast path) while the previous batch commits;
-    # apply() then, under the space's graph lock, checks that nothing else wrote the graph since,
-    # recomputes what went late (settle), and writes. See LogConsumer's "Pipelining".
+    # A batch is prepared outside any transaction while the previous batch commits: its
+    # identifiers extracted, its slice of the graph loaded (over the previous batch's final
+    # graph, OverlayLoader), its events applied, what went late recomputed (settle), its merge
+    # log ids reserved and its writes planned. apply() then, under the space's graph lock,
+    # checks that nothing else wrote the graph since and runs the planned writes; a batch whose
+    # graph moved is prepared again there. See LogConsumer's "Pipelining".
     async def prepare(self, events: list[asyncpg.Record], previous: _Batch | None) -> _Batch:
         with _no_cyclic_gc():
             return await self._prepare(events, previous)
@@ -274,11 +279,20 @@ class Stitcher:
                 graph = Graph(space, sb.rules)
                 try:
                     await domain.observe_batch(graph, loader, sb.observed)
+                    await domain.settle(graph, loader)
                 except StaleOverlay:
                     log.info("batch prepared again under the lock", exc_info=True)
                     REPREPARED.inc()
                     continue
+                await store.number(conn, graph)
+                sb.plan = await store.plan_write(graph, sb.observed)
                 sb.graph, sb.version = graph, version
+                # What the next batch reads as its overlay, unless apply finds the graph moved.
+                sb.wrote, sb.version_after = True, version + 1
+        if all(sb.plan is not None or not sb.observed for sb in batch.spaces.values()):
+            # Every graph is final: the next batch is prepared over them while this one commits.
+            batch.ok = True
+            batch.final.set()
         return batch
 
     async def _analyze_if_grown(self, conn: asyncpg.Connection) -> None:
@@ -309,18 +323,19 @@ class Stitcher:
         plans: list[store.WritePlan] = []
         try:
             with _no_cyclic_gc():
-                await self._settle_and_plan(conn, batch, plans)
+                await self._check_or_plan(conn, batch, plans)
             batch.ok = True
         finally:
             batch.final.set()
         for plan in plans:
             await plan.run(conn)
 
-    async def _settle_and_plan(
+    async def _check_or_plan(
         self, conn: asyncpg.Connection, batch: _Batch, plans: list[store.WritePlan]
     ) -> None:
         """Under each space's graph lock: checks the graph is still the one the batch was
-        prepared against (else prepares it again), settles what went late, plans the writes."""
+        prepared against and takes its planned writes, else prepares it again (applies,
+        settles, plans) on what is committed."""
         await conn.execute("set local synchronous_commit = off")
         for space, sb in sorted(batch.spaces.items()):  # graph locks in one order: no deadlock
             EVENTS_SKIPPED.labels("NO_IDENTIFIER").inc(sb.no_identifier)
@@ -331,29 +346,35 @@ class Stitcher:
             await store.lock_graph(conn, space)
             version = await store.graph_version(conn, space)
             graph = sb.graph
-            if graph is not None and sb.version == version:
-                observed = sb.observed
+            if graph is not None and sb.plan is not None and sb.version == version:
                 await store.queue_deletions(conn, space, sb.drop)
                 EVENTS_SKIPPED.labels("DELETED_IDENTIFIER").inc(len(sb.drop))
-                await domain.settle(graph, PgLoader(conn, space))
+                plans.append(sb.plan)
             else:
                 # Prepared against a graph that changed since (or not at all): again, under
                 # the lock.
                 if graph is not None:
                     REPREPARED.inc()
                     self._contended[space] = _CONTENDED_BATCHES
+                speculative = sb.plan is not None
+                sb.plan = None
                 observed = sb.observed_all
                 if observed and await store.any_deleted(conn):
                     observed = await self._drop_deleted(conn, space, observed)
                 if not observed:
+                    if speculative:
+                        # The next batch may be prepared over the graph just dropped, expecting
+                        # the version its write would have made: that version must not come
+                        # without that write.
+                        await store.bump_version(conn, space)
+                    sb.wrote = False
                     continue
                 graph = Graph(space, sb.rules)
                 await domain.apply(graph, PgLoader(conn, space), observed)
-            if not observed:
-                continue
-            plans.append(store.plan_write(graph, observed))
+                await store.number(conn, graph)
+                plans.append(await store.plan_write(graph, observed))
+                sb.graph, sb.wrote, sb.version_after = graph, True, version + 1
             self._grown += graph.created
-            sb.graph, sb.wrote, sb.version_after = graph, True, version + 1
             self._count(graph)
 
     async def _find_deleted(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -229,7 +230,21 @@ class PgLoader:
 
 async def write(conn: asyncpg.Connection, graph: Graph, observed: Sequence[Observed] = ()) -> None:
     """Writes a graph's changes, and the events observed (refs, traits, last seen)."""
-    await plan_write(graph, observed).run(conn)
+    await number(conn, graph)
+    await (await plan_write(graph, observed)).run(conn)
+
+
+async def number(conn: asyncpg.Connection, graph: Graph) -> None:
+    """Reserves merge log ids for the graph's new decisions (`Graph.number`): the write gives
+    its entries these ids, and the next batch, prepared over this graph before the write
+    commits, supersedes them by id like any other entry."""
+    n = len(graph.decisions)
+    if n and len(graph.decision_ids) != n:
+        graph.number(
+            await conn.fetchval(
+                "select array(select nextval('identity.merge_log_id_seq') from generate_series(1, $1))", n
+            )
+        )
 
 
 class WritePlan:
@@ -301,6 +316,7 @@ COPIES: dict[str, tuple[str | None, tuple[str, ...] | None, str]] = {
     "merge_log": (
         "identity",
         (
+            "id",
             "space_id",
             "action",
             "reason",
@@ -312,7 +328,7 @@ COPIES: dict[str, tuple[str | None, tuple[str, ...] | None, str]] = {
             "message_id",
             "source_id",
         ),
-        "tttttAATtt",
+        "qtttttAATtt",
     ),
     "event_refs": ("identity", ("space_id", "kind", "value", "time", "message_id", "source_id"), "tttTtt"),
     "traits": (
@@ -346,15 +362,21 @@ async def copy_rows(conn: asyncpg.Connection, table: str, records: list[tuple[An
     await conn.copy_records_to_table(table, records=records, columns=columns, schema_name=schema)
 
 
-def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
-    """What `write` runs (see WritePlan). Every write of a space's graph moves its version."""
+async def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePlan:
+    """What `write` runs (see WritePlan). Every write of a space's graph moves its version.
+    The graph's decisions must be numbered (`number`). Yields to the event loop between its
+    parts: the consumer plans a batch while the previous one commits on the same loop, and
+    that commit sends its next statement at each yield."""
     conn = WritePlan()
     conn.execute(_BUMP_VERSION, graph.space_id)
     _plan_components(conn, graph)
+    await asyncio.sleep(0)
     _plan_identifiers(conn, graph)
+    await asyncio.sleep(0)
     _plan_links(conn, graph)
     _plan_merge_log(conn, graph)
     if observed:
+        await asyncio.sleep(0)
         _write_observations(conn, graph, observed)
     return conn
 
@@ -518,12 +540,14 @@ def _plan_merge_log(conn: WritePlan, graph: Graph) -> None:
             graph.superseded,
         )
     if graph.decisions:
+        if len(graph.decision_ids) != len(graph.decisions):
+            raise ValueError("the graph's decisions have no merge log ids: number() it first")
         conn.copy(
             "merge_log",
             [
-                (space, d.action, d.reason, d.limit_kind, d.profile, list(d.others),
+                (i, space, d.action, d.reason, d.limit_kind, d.profile, list(d.others),
                  [f"{k}:{v}" for k, v in d.idents], d.key[0], d.key[1], d.key[2])
-                for d in graph.decisions
+                for d, i in zip(graph.decisions, graph.decision_ids, strict=True)
             ],
         )  # fmt: skip
 
@@ -684,6 +708,11 @@ async def lock_consumer(conn: asyncpg.Connection, consumer: str) -> None:
 
 _BUMP_VERSION = """insert into identity.graph_versions (space_id, version) values ($1, 1)
     on conflict (space_id) do update set version = identity.graph_versions.version + 1"""
+
+
+async def bump_version(conn: asyncpg.Connection, space_id: str) -> None:
+    """Moves the space's graph version without writing the graph (see the stitcher's apply)."""
+    await conn.execute(_BUMP_VERSION, space_id)
 
 
 async def graph_version(conn: asyncpg.Connection | asyncpg.Pool, space_id: str) -> int:
