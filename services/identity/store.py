@@ -371,14 +371,16 @@ async def plan_write(graph: Graph, observed: Sequence[Observed] = ()) -> WritePl
     conn.execute(_BUMP_VERSION, graph.space_id)
     _plan_components(conn, graph)
     await asyncio.sleep(0)
-    _plan_identifiers(conn, graph)
-    await asyncio.sleep(0)
-    _plan_links(conn, graph)
+    await _plan_identifiers(conn, graph)
+    await _plan_links(conn, graph)
     _plan_merge_log(conn, graph)
     if observed:
-        await asyncio.sleep(0)
-        _write_observations(conn, graph, observed)
+        await _write_observations(conn, graph, observed)
     return conn
+
+
+# Rows planned between two yields of plan_write (a few milliseconds).
+PLAN_YIELD_EVERY = 2000
 
 
 def _plan_components(conn: WritePlan, graph: Graph) -> None:
@@ -423,7 +425,7 @@ def _plan_components(conn: WritePlan, graph: Graph) -> None:
         )
 
 
-def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
+async def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
     """What changed, and when each identifier the batch saw was last seen (with the device
     details of its latest event that had any: Graph.observe keeps both on the node)."""
     space = graph.space_id
@@ -445,7 +447,11 @@ def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
     updates = []
     plist = graph.part.plist
     encoded: dict[int, bytes] = {}  # device details, serialised once per event (by its dict)
+    k = 0
     for n in graph.part.nodes.values():
+        k += 1
+        if k % PLAN_YIELD_EVERY == 0:
+            await asyncio.sleep(0)
         lt = n.last
         if not n.changed and lt is None:
             continue
@@ -491,7 +497,7 @@ def _plan_identifiers(conn: WritePlan, graph: Graph) -> None:
         )
 
 
-def _plan_links(conn: WritePlan, graph: Graph) -> None:
+async def _plan_links(conn: WritePlan, graph: Graph) -> None:
     space = graph.space_id
     if graph.removed_links:
         conn.execute(
@@ -505,7 +511,9 @@ def _plan_links(conn: WritePlan, graph: Graph) -> None:
         fresh_links = graph.new_links - graph.removed_links
         link_inserts = []
         link_updates = []
-        for sk in graph.changed_links:
+        for k, sk in enumerate(graph.changed_links, 1):
+            if k % PLAN_YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             ln = graph.links[sk]
             cid = None if ln.component is None else find(ln.component)
             if sk in fresh_links:
@@ -588,7 +596,7 @@ async def _ensure_stages(conn: asyncpg.Connection) -> None:
         _STAGED.add(raw)
 
 
-def _write_observations(conn: WritePlan, graph: Graph, observed: Sequence[Observed]) -> None:
+async def _write_observations(conn: WritePlan, graph: Graph, observed: Sequence[Observed]) -> None:
     """Event references, and the latest value of each trait per anchor. The graph's new
     identifiers have no traits yet: theirs go straight in by COPY."""
     space = graph.space_id
@@ -598,8 +606,11 @@ def _write_observations(conn: WritePlan, graph: Graph, observed: Sequence[Observ
     refs = [(space, o.idents[0][0], o.idents[0][1], o.key[0], o.key[1], o.key[2]) for o in observed]
     _sort_by(refs, 2, 1)
     conn.copy("event_refs", refs)
+    await asyncio.sleep(0)
     latest: dict[tuple[Ident, str], tuple[Key, Any]] = {}
-    for o in observed:
+    for i, o in enumerate(observed, 1):
+        if i % PLAN_YIELD_EVERY == 0:
+            await asyncio.sleep(0)
         if not o.traits:
             continue
         anchor = o.idents[0]
@@ -612,6 +623,7 @@ def _write_observations(conn: WritePlan, graph: Graph, observed: Sequence[Observ
         return
     fresh = []
     known = []
+    await asyncio.sleep(0)
     for (anchor, name), (when, v) in latest.items():
         n = nodes.get(anchor)
         j = jsonb(v)
