@@ -223,8 +223,9 @@ async def test_a_pipelined_chain_reads_the_batch_after_next_while_it_prepares(
     log_pool: asyncpg.Pool,
 ) -> None:
     """While batch k+1 is prepared (batch k committing), batch k+2 is already being read, so
-    the step after starts preparing as soon as its commit starts; a chain that ends leaves no
-    read behind, and every event is applied once."""
+    the step after starts preparing as soon as its commit starts; the batch after a chain's
+    last is prepared during that commit and carried to the next step; every event is applied
+    once."""
     src = "src_" + secrets.token_hex(4)
     name = "ahead_" + secrets.token_hex(4)
     seen: list[str] = []
@@ -256,9 +257,47 @@ async def test_a_pipelined_chain_reads_the_batch_after_next_while_it_prepares(
         await store.write_rows(conn, [row(src, f"a{i:03d}") for i in range(55)])
     assert await consumer.step() == 40  # one chain: four batches
     # Batch 1 (prepared first, alone) was read by then; batch 2 is prepared with batch 3's read
-    # sent; batch 3 ends the chain (four batches), so none is read after it.
-    assert reads_when_prepared == [1, 3, 4, 4]
-    assert reads == 4
+    # sent, and so on; the chain ends after batch 4, but batch 5 is still read and prepared
+    # while batch 4 commits, and carried to the next step.
+    assert reads_when_prepared == [1, 3, 4, 4, 5]
+    assert reads == 5
     assert await mine(log_pool, name, src) == [f"a{i:03d}" for i in range(40)]
-    await consumer.catch_up()
+    # The next step starts by committing the carried batch (no read again), then the last.
+    assert await consumer.step() == 15
+    assert reads_when_prepared == [1, 3, 4, 4, 5, 6]
+    assert reads == 6
     assert await mine(log_pool, name, src) == [f"a{i:03d}" for i in range(55)]
+
+
+async def test_a_carried_batch_is_dropped_when_another_replica_moved_the_position(
+    log_pool: asyncpg.Pool,
+) -> None:
+    src = "src_" + secrets.token_hex(4)
+    name = "carry_" + secrets.token_hex(4)
+    seen: list[str] = []
+    apply = recorder(name, seen, src)
+
+    async def prepare(events: list[LogEvent], previous: object) -> list[LogEvent]:
+        await asyncio.sleep(0)
+        return events
+
+    def replica() -> LogConsumer:
+        return LogConsumer(
+            log_pool,
+            schema="consumer_test",
+            name=name,
+            apply=apply,
+            prepare=prepare,
+            batch_size=10,
+            pipeline=2,
+        )
+
+    a, b = replica(), replica()
+    await a.ensure()
+    await a.catch_up()  # skip past whatever other tests wrote
+    async with log_pool.acquire() as conn:
+        await store.write_rows(conn, [row(src, f"c{i:03d}") for i in range(35)])
+    assert await a.step() == 20  # two batches; the third is prepared and carried
+    assert await b.step() == 15  # the other replica applies the rest meanwhile
+    assert await a.step() == 0  # the carried batch no longer follows the position: dropped
+    assert await mine(log_pool, name, src) == [f"c{i:03d}" for i in range(35)]
