@@ -222,7 +222,9 @@ class LogConsumer:
     ``pipeline`` batches: each break costs one commit and one prepare that do not overlap.
     Within a chain the batch after the next is read while the next is prepared, and a committed
     batch is freed a little after the next commit starts (freeing many objects holds the event
-    loop), so one commit follows another with no gap.
+    loop), so one commit follows another with no gap. The batch after a chain's last is read and
+    prepared during that last commit too, and the partition's next step starts by committing it
+    (when the position has not moved meanwhile; else it is dropped).
     Between chains run() rebalances and exports the lag (counting it costs the database a few
     microseconds per event behind, so a chain does not). A
     consumer whose work is mostly CPU overlaps it with the database's work on the previous
