@@ -972,6 +972,17 @@ class Graph:
         """Every known component id that now belongs to `root` (what the store loads)."""
         return [c for c in [*self.components, *self.alias] if self.find(c) == root]
 
+    def owners(self, roots: set[int]) -> dict[int, int]:
+        """Every known component id that now belongs to one of `roots`, and that root: one pass
+        over the merged ids, so that a pass over the nodes or links asks a dict, not find()."""
+        out = {r: r for r in roots}
+        find = self.find
+        for c in self.alias:
+            r = find(c)
+            if r in out:
+                out[c] = r
+        return out
+
     def changed_identifiers(self) -> set[Ident]:
         """Every identifier whose row must be written (new, moved, re-born, relabelled...)."""
         return {x for x, n in self.part.nodes.items() if n.changed}
@@ -1104,13 +1115,14 @@ class Graph:
     def members_of(self, roots: set[int]) -> dict[int, tuple[list[Ident], list[tuple[bytes, LinkState]]]]:
         """The identifiers and links of each of these components, in one pass over the graph."""
         out: dict[int, tuple[list[Ident], list[tuple[bytes, LinkState]]]] = {r: ([], []) for r in roots}
-        find = self.find
+        of = {c: out[r] for c, r in self.owners(roots).items()}
         for x, n in self.part.nodes.items():
             c = n.comp
-            if c is not None and (hit := out.get(find(c))) is not None:
+            if c is not None and (hit := of.get(c)) is not None:
                 hit[0].append(x)
         for sk, ln in self.links.items():
-            if ln.component is not None and (hit := out.get(find(ln.component))) is not None:
+            c = ln.component
+            if c is not None and (hit := of.get(c)) is not None:
                 hit[1].append((sk, ln))
         return out
 
@@ -1510,12 +1522,9 @@ async def settle(graph: Graph, loader: GraphLoader) -> None:
     """Recomputes every dirty component, loading it first."""
     while graph.dirty:
         roots = set(graph.dirty)
-        await loader.load_components(graph, sorted(c for r in roots for c in graph.origins(r)))
-        mine = [
-            ln
-            for ln in graph.links.values()
-            if ln.component is not None and graph.find(ln.component) in roots
-        ]
+        owners = graph.owners(roots)  # loading adds no merged ids
+        await loader.load_components(graph, sorted(owners))
+        mine = [ln for ln in graph.links.values() if ln.component is not None and ln.component in owners]
         missing = {x for ln in mine for x in ln.idents if not graph.has(x)}
         if missing:
             await loader.load_idents(graph, sorted(missing))
